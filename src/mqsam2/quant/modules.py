@@ -1,0 +1,124 @@
+"""Quantized drop-in layers: Linear and Conv2d with an input quantizer and a per-channel weight quantizer,
+and attention whose QK^T and softmax·V matmuls run explicitly on quantized operands.
+
+The layers subclass the float ones and keep their parameters (same names, same tensors), so SAM2's code keeps
+working and `name.weight` still addresses the weight.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from mqsam2.quant.quantizer import ActQuantizer, WeightQuantizer
+
+
+class QuantLayerMixin:
+    """What QuantLinear and QuantConv2d share: the two quantizers and how they are wired."""
+
+    input_quantizer: ActQuantizer | None
+    weight_quantizer: WeightQuantizer
+
+    def _init_quantizers(self, bits: int, act_bits: int | None) -> None:
+        self.weight_quantizer = WeightQuantizer(bits, self.weight.shape[0])
+        self.input_quantizer = ActQuantizer(act_bits) if act_bits is not None else None
+
+    @property
+    def bits(self) -> int:
+        return self.weight_quantizer.bits
+
+    @property
+    def act_bits(self) -> int | None:
+        return None if self.input_quantizer is None else self.input_quantizer.bits
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.weight)
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_quantizer is None else self.input_quantizer(x)
+
+    @torch.no_grad()
+    def harden_rounding(self) -> None:
+        self.weight.copy_(self.weight_quantizer.harden(self.weight))
+
+    @classmethod
+    def from_float(cls, layer: nn.Module, bits: int, act_bits: int | None) -> QuantLayerMixin:
+        """Wrap a float layer in place of itself, sharing its parameter tensors."""
+        quant = cls.__new__(cls)
+        quant.__dict__.update(layer.__dict__)
+        quant._parameters = dict(layer._parameters)
+        quant._buffers = dict(layer._buffers)
+        quant._modules = dict(layer._modules)
+        quant._init_quantizers(bits, act_bits)
+        return quant
+
+
+class QuantLinear(QuantLayerMixin, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+
+class QuantConv2d(QuantLayerMixin, nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+
+FLOAT_TO_QUANT: dict[type[nn.Module], type[QuantLayerMixin]] = {
+    nn.Linear: QuantLinear,
+    nn.Conv2d: QuantConv2d,
+}
+
+
+class _ExplicitAttention(TorchFunctionMode):
+    """Inside one attention module, replaces scaled_dot_product_attention by explicit matmuls whose operands
+    pass through that module's quantizers (q, k, v and the softmax probabilities)."""
+
+    def __init__(self, owner: QuantAttentionMixin):
+        super().__init__()
+        self.owner = owner
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        q, k, v = args[:3]
+        if kwargs.get("attn_mask") is not None or kwargs.get("is_causal"):
+            raise NotImplementedError("quantized attention supports unmasked attention only (as in SAM2)")
+        if kwargs.get("dropout_p", 0.0) > 0:
+            raise NotImplementedError("quantized attention runs in eval mode only")
+        owner = self.owner
+        scale = kwargs.get("scale") or 1.0 / math.sqrt(q.shape[-1])
+        logits = (owner.q_quantizer(q) @ owner.k_quantizer(k).transpose(-2, -1)) * scale
+        probs = owner.attn_quantizer(torch.softmax(logits.float(), dim=-1).to(v.dtype))
+        return probs @ owner.v_quantizer(v)
+
+
+class QuantAttentionMixin(nn.Module):
+    """Mixed into a copy of SAM2's attention classes; the original forward runs under `_ExplicitAttention`."""
+
+    q_quantizer: ActQuantizer
+    k_quantizer: ActQuantizer
+    v_quantizer: ActQuantizer
+    attn_quantizer: ActQuantizer
+
+    def init_attention_quantizers(self, bits: int) -> None:
+        for role in ("q", "k", "v", "attn"):
+            setattr(self, f"{role}_quantizer", ActQuantizer(bits))
+
+    def forward(self, *args, **kwargs):
+        with _ExplicitAttention(self):
+            return super().forward(*args, **kwargs)
+
+
+_QUANT_ATTENTION_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def quant_attention_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """One quantized subclass per SAM2 attention class (created once, so isinstance and pickling hold)."""
+    if cls not in _QUANT_ATTENTION_CLASSES:
+        _QUANT_ATTENTION_CLASSES[cls] = type(f"Quant{cls.__name__}", (QuantAttentionMixin, cls), {})
+    return _QUANT_ATTENTION_CLASSES[cls]

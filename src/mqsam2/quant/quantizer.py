@@ -1,0 +1,154 @@
+"""Fake-quantizer modules: scale/zero-point state, calibration by observers, AdaRound and QDrop hooks.
+
+Weights are quantized per output channel, activations per tensor, both asymmetric (Eq. 1). The state dict holds
+only tensors (scale, zero-point, an `initialized` flag, and AdaRound's `alpha` while reconstruction runs), so a
+quantized model saves and loads like any module.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mqsam2.errors import MQSAM2Error
+from mqsam2.quant.affine import (
+    check_bits,
+    dequantize_affine,
+    fake_quantize,
+    params_from_range,
+    qmax,
+    quantize_affine,
+)
+from mqsam2.quant.observers import Observer, make_observer
+
+GAMMA, ZETA = -0.1, 1.1  # AdaRound's rectified-sigmoid stretch
+
+
+def rectified_sigmoid(alpha: torch.Tensor) -> torch.Tensor:
+    """h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1): reaches exactly 0 and 1 with finite V."""
+    return torch.clamp(torch.sigmoid(alpha) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+class FakeQuantizer(nn.Module):
+    """Quantize-dequantize of one tensor; `observer` collects ranges while `observing` is on."""
+
+    def __init__(self, bits: int, channels: int | None = None, axis: int | None = None):
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.axis = axis
+        shape = () if channels is None else (channels,)
+        self.scale = nn.Parameter(torch.ones(shape), requires_grad=False)
+        self.register_buffer("zero_point", torch.zeros(shape))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.observer: Observer | None = None
+        self.observing = False
+        self.enabled = True
+        self.name = ""
+
+    def extra_repr(self) -> str:
+        granularity = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"
+        return f"bits={self.bits}, {granularity}"
+
+    def attach_observer(self, kind: str, **kwargs) -> None:
+        self.observer = make_observer(kind, axis=self.axis, **kwargs)
+
+    @torch.no_grad()
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        scale, zero_point = params_from_range(lo, hi, self.bits)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero_point)
+        self.initialized.fill_(True)
+
+    def finish_observing(self) -> bool:
+        """Turn the observed statistics into scale/zero-point; False when the tensor was never seen."""
+        self.observing = False
+        if self.observer is None or self.observer.lo is None:
+            return False
+        self.set_range(*self.observer.compute_range(self.bits))
+        self.observer = None
+        return True
+
+    def _check_ready(self) -> None:
+        if not self.initialized:
+            raise MQSAM2Error(
+                f"quantizer {self.name or '(unnamed)'} was never calibrated: run calibration on data that "
+                "exercises this layer (video clips for the memory modules), or load a calibrated state dict"
+            )
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_ready()
+        return quantize_affine(x, self.scale, self.zero_point, self.bits, self.axis)
+
+    def dequantize(self, q: torch.Tensor) -> torch.Tensor:
+        return dequantize_affine(q, self.scale, self.zero_point, self.axis)
+
+
+class ActQuantizer(FakeQuantizer):
+    """Per-tensor activation quantizer with an LSQ-learnable step and QDrop's random bypass.
+
+    Dropping happens only while gradients are enabled and `drop_prob > 0`, so evaluation under
+    `torch.no_grad()`/`inference_mode()` can never see it (PTQ4SAM left it on at test time).
+    """
+
+    def __init__(self, bits: int):
+        super().__init__(bits)
+        self.drop_prob = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self.observer.update(x)
+            return x
+        if not self.enabled:
+            return x
+        self._check_ready()
+        x_q = fake_quantize(x, self.scale, self.zero_point, self.bits)
+        if self.drop_prob > 0 and torch.is_grad_enabled():
+            keep_fp = torch.rand_like(x, dtype=torch.float32) < self.drop_prob
+            return torch.where(keep_fp, x, x_q)
+        return x_q
+
+
+class WeightQuantizer(FakeQuantizer):
+    """Per-output-channel weight quantizer; rounds to nearest, or by learned AdaRound offsets h(alpha)."""
+
+    def __init__(self, bits: int, out_channels: int):
+        super().__init__(bits, channels=out_channels, axis=0)
+        self.alpha: nn.Parameter | None = None
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return w
+        self._check_ready()
+        if self.alpha is None:
+            return fake_quantize(w, self.scale, self.zero_point, self.bits, axis=0)
+        scale = self.scale.reshape(-1, *([1] * (w.ndim - 1)))
+        zero_point = self.zero_point.reshape_as(scale)
+        codes = torch.floor(w.detach() / scale) + rectified_sigmoid(self.alpha) + zero_point
+        return ((torch.clamp(codes, 0, qmax(self.bits)) - zero_point) * scale).to(w.dtype)
+
+    def start_adaround(self, w: torch.Tensor) -> nn.Parameter:
+        """Learnable rounding initialised so that h(alpha) equals the fractional part of w / S."""
+        self._check_ready()
+        scale = self.scale.reshape(-1, *([1] * (w.ndim - 1)))
+        frac = (w.detach() / scale - torch.floor(w.detach() / scale)).clamp(1e-4, 1 - 1e-4)
+        alpha = -torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1)
+        self.alpha = nn.Parameter(alpha.float())
+        return self.alpha
+
+    def soft_rounding(self) -> torch.Tensor:
+        if self.alpha is None:
+            raise MQSAM2Error(f"{self.name}: AdaRound is not active on this layer")
+        return rectified_sigmoid(self.alpha)
+
+    @torch.no_grad()
+    def harden(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight that round-to-nearest maps onto the learned codes: h is fixed to 0/1 for good and the
+        module needs no AdaRound state afterwards."""
+        if self.alpha is None:
+            return w
+        scale = self.scale.reshape(-1, *([1] * (w.ndim - 1)))
+        zero_point = self.zero_point.reshape_as(scale)
+        up = (self.alpha >= 0).to(w.dtype)
+        codes = torch.clamp(torch.floor(w / scale) + up + zero_point, 0, qmax(self.bits))
+        self.alpha = None
+        return ((codes - zero_point) * scale).to(w.dtype)

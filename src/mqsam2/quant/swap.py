@@ -1,0 +1,197 @@
+"""`quantize(model, config)`: swap SAM2's Linear/Conv2d (and optionally attention) for quantized modules in
+place, then `calibration(model)` initialises every quantizer from observed data."""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from sam2.modeling.backbones.hieradet import MultiScaleAttention
+from sam2.modeling.sam.transformer import Attention
+from torch import nn
+
+from mqsam2.errors import MQSAM2Error
+from mqsam2.quant.affine import check_bits
+from mqsam2.quant.modules import (
+    FLOAT_TO_QUANT,
+    QuantAttentionMixin,
+    QuantLayerMixin,
+    quant_attention_class,
+)
+from mqsam2.quant.quantizer import FakeQuantizer, WeightQuantizer
+
+log = logging.getLogger(__name__)
+
+# method.md §2: the first layer, the raw-mask convolutions and the mask decoder's output heads stay in float.
+DEFAULT_KEEP_FP: tuple[str, ...] = (
+    "image_encoder.trunk.patch_embed.proj",
+    "memory_encoder.mask_downsampler.encoder.0",
+    "sam_prompt_encoder.mask_downscaling.0",
+    "mask_downsample",
+    "sam_mask_decoder.output_hypernetworks_mlps.*.layers.2",
+    "sam_mask_decoder.iou_prediction_head.layers.2",
+    "sam_mask_decoder.pred_obj_score_head.layers.2",
+    "sam_mask_decoder.output_upscaling.3",
+)
+ATTENTION_CLASSES: tuple[type[nn.Module], ...] = (MultiScaleAttention, Attention)
+
+
+@dataclass
+class QuantConfig:
+    """How to quantize: uniform `bits` or a per-layer `plan`, observers, float layers, attention matmuls.
+
+    A plan maps layer names to bit-widths (Eq. 6 output); layers it does not name get `bits`. Weights and the
+    layer's input activations share the width unless `act_bits` fixes the activations (or `weight_only`).
+    """
+
+    bits: int = 8
+    act_bits: int | None = None
+    plan: Mapping[str, int] | None = None
+    weight_only: bool = False
+    weight_observer: str = "minmax"
+    act_observer: str = "minmax"
+    percentile: float = 99.99
+    mse_p: float = 2.4
+    keep_fp: tuple[str, ...] = DEFAULT_KEEP_FP
+    quantize_attention: bool = False
+    attention_bits: int | None = None
+    observer_sample_size: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        for bits in (self.act_bits, self.attention_bits):
+            if bits is not None:
+                check_bits(bits)
+        for name, bits in (self.plan or {}).items():
+            try:
+                check_bits(bits)
+            except MQSAM2Error as exc:
+                raise MQSAM2Error(f"plan entry {name}: {exc}") from None
+        self.keep_fp = tuple(self.keep_fp)
+
+
+def _kept_fp(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def quantizable_layers(model: nn.Module, keep_fp: tuple[str, ...] = DEFAULT_KEEP_FP) -> dict[str, nn.Module]:
+    """Every Linear/Conv2d (quantized or not) that the config would quantize, in network order."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, tuple(FLOAT_TO_QUANT)) and not _kept_fp(name, keep_fp)
+    }
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
+    """Swap layers for quantized ones in place (uncalibrated) and return the model."""
+    config = config or QuantConfig()
+    layers = quantizable_layers(model, config.keep_fp)
+    already = [name for name, layer in layers.items() if isinstance(layer, QuantLayerMixin)]
+    if already:
+        raise MQSAM2Error(
+            f"model is already quantized ({already[0]} ...): build a fresh model to re-quantize"
+        )
+    unknown = sorted(set(config.plan or {}) - set(layers))
+    if unknown:
+        raise MQSAM2Error(
+            f"plan names {len(unknown)} layer(s) that are not quantizable in this model: {', '.join(unknown)}"
+        )
+    for name, layer in layers.items():
+        bits = (config.plan or {}).get(name, config.bits)
+        act_bits = None if config.weight_only else (config.act_bits or bits)
+        quant = FLOAT_TO_QUANT[type(layer)].from_float(layer, bits, act_bits)
+        _replace(model, name, quant)
+    if config.quantize_attention:
+        attention_bits = config.attention_bits or config.act_bits or config.bits
+        for name, module in list(model.named_modules()):
+            if isinstance(module, ATTENTION_CLASSES) and not isinstance(module, QuantAttentionMixin):
+                module.__class__ = quant_attention_class(type(module))
+                module.init_attention_quantizers(attention_bits)
+    for name, quantizer in model.named_modules():
+        if isinstance(quantizer, FakeQuantizer):
+            quantizer.name = name
+    model.mqsam2_quant_config = config
+    n_attention = sum(isinstance(m, QuantAttentionMixin) for m in model.modules())
+    log.info("quantized %d layers and %d attention modules", len(layers), n_attention)
+    return model
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLayerMixin)}
+
+
+def fake_quantizers(model: nn.Module) -> dict[str, FakeQuantizer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, FakeQuantizer)}
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, QuantLayerMixin) for m in model.modules())
+
+
+def bit_plan(model: nn.Module) -> dict[str, int]:
+    """{layer: weight bits} of a quantized model, in network order."""
+    return {name: layer.bits for name, layer in quantized_layers(model).items()}
+
+
+@torch.no_grad()
+def init_weight_quantizers(model: nn.Module, config: QuantConfig) -> None:
+    """Data-free: each weight quantizer observes its own weight once."""
+    for layer in quantized_layers(model).values():
+        quantizer = layer.weight_quantizer
+        quantizer.attach_observer(
+            config.weight_observer, percentile=config.percentile, p=config.mse_p, sample_size=None
+        )
+        quantizer.observer.update(layer.weight)
+        quantizer.finish_observing()
+
+
+@contextlib.contextmanager
+def calibration(model: nn.Module, config: QuantConfig | None = None) -> Iterator[None]:
+    """Run float forward passes inside the block; on exit every quantizer holds its calibrated range.
+
+    Activations are observed with all quantizers off (the float network's statistics). Quantizers that saw no
+    data are listed in a warning and raise a clear error if used later.
+    """
+    config = config or getattr(model, "mqsam2_quant_config", QuantConfig())
+    init_weight_quantizers(model, config)
+    act_quantizers = {
+        name: q for name, q in fake_quantizers(model).items() if not isinstance(q, WeightQuantizer)
+    }
+    for quantizer in fake_quantizers(model).values():
+        quantizer.enabled = False
+    for quantizer in act_quantizers.values():
+        quantizer.attach_observer(
+            config.act_observer,
+            percentile=config.percentile,
+            p=config.mse_p,
+            sample_size=config.observer_sample_size,
+        )
+        quantizer.observing = True
+    try:
+        yield
+    finally:
+        unseen = [name for name, q in act_quantizers.items() if not q.finish_observing()]
+        for quantizer in fake_quantizers(model).values():
+            quantizer.enabled = True
+    if unseen:
+        log.warning(
+            "%d activation quantizer(s) saw no calibration data (e.g. %s): feed data that exercises them",
+            len(unseen),
+            unseen[0],
+        )
+
+
+def set_quantization(model: nn.Module, weights: bool = True, activations: bool = True) -> None:
+    """Toggle fake-quant (e.g. BRECQ's weights-first stage runs activations in float)."""
+    for quantizer in fake_quantizers(model).values():
+        quantizer.enabled = weights if isinstance(quantizer, WeightQuantizer) else activations
