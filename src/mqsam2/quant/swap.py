@@ -113,7 +113,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
         _replace(model, name, quant)
     if config.quantize_attention:
         attention_bits = config.attention_bits or config.act_bits or config.bits
-        for name, module in list(model.named_modules()):
+        for module in list(model.modules()):
             if isinstance(module, ATTENTION_CLASSES) and not isinstance(module, QuantAttentionMixin):
                 module.__class__ = quant_attention_class(type(module))
                 module.init_attention_quantizers(attention_bits)
