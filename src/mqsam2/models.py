@@ -143,6 +143,21 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
     raise MQSAM2Error(f"checkpoint does not match {config}: {detail}; {hint}")
 
 
+def build_architecture(
+    config: str,
+    image_size: int | None = None,
+    video: bool = True,
+    seed: int = 0,
+    memory_overrides: dict | None = None,
+) -> SAM2Base:
+    """The float architecture with sam2's seeded default init (weights are expected to be loaded next)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _instantiate(config, hydra_overrides(image_size, video, memory_overrides))
+    model.mqsam2_config = config
+    return model.eval()
+
+
 def build_sam2(
     size: str = "t",
     checkpoint: str | Path | None = None,
@@ -161,9 +176,7 @@ def build_sam2(
     """
     config = config_name(size, version)
     state_dict = load_checkpoint_state(checkpoint) if checkpoint is not None else None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = _instantiate(config, hydra_overrides(image_size, video, memory_overrides))
+    model = build_architecture(config, image_size, video, seed, memory_overrides)
     if state_dict is None:
         log.warning(
             "RANDOM-INIT SAM2 (%s, seed %d): no checkpoint given, masks are meaningless against ground "
@@ -175,8 +188,7 @@ def build_sam2(
         check_state_dict(model, state_dict, config)
         model.load_state_dict(state_dict)
         log.info("loaded %s into %s", checkpoint, config)
-    model.mqsam2_config = config
-    return model.to(device).eval()
+    return model.to(device)
 
 
 def image_predictor(model: SAM2Base, **kwargs) -> SAM2ImagePredictor:

@@ -1,0 +1,71 @@
+"""Save and load a fake-quantized SAM2 as one file: enough metadata to rebuild the module tree, then tensors."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mqsam2.errors import MQSAM2Error
+from mqsam2.models import build_architecture
+from mqsam2.quant.swap import QuantConfig, bit_plan, is_quantized, quantize
+
+FORMAT = "mqsam2-fakequant-v1"
+
+
+def model_spec(model: nn.Module) -> dict:
+    """What `build_sam2` needs to rebuild the same float architecture."""
+    from mqsam2.memory.predictor import VideoPredictor
+
+    return {
+        "sam2_config": model.mqsam2_config,
+        "image_size": int(model.image_size),
+        "video": isinstance(model, VideoPredictor),
+    }
+
+
+def quant_config_dict(model: nn.Module) -> dict:
+    """The config that rebuilds the same quantized modules, with the realised per-layer plan."""
+    config = dataclasses.replace(model.mqsam2_quant_config, plan=bit_plan(model))
+    payload = dataclasses.asdict(config)
+    payload["keep_fp"] = list(payload["keep_fp"])
+    return payload
+
+
+def save_quantized(model: nn.Module, path: str | Path) -> Path:
+    if not is_quantized(model):
+        raise MQSAM2Error("model is not quantized: run mqsam2.quant.quantize and calibration first")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "model": model_spec(model),
+        "quant": quant_config_dict(model),
+        "state_dict": model.state_dict(),
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def rebuild_quantized(spec: dict, quant: dict, device: str | torch.device = "cpu") -> nn.Module:
+    """An uncalibrated quantized model with exactly the saved module tree, ready for `load_state_dict`."""
+    model = build_architecture(spec["sam2_config"], spec["image_size"], spec["video"])
+    quant = dict(quant)
+    quant["keep_fp"] = tuple(quant["keep_fp"])
+    return quantize(model, QuantConfig(**quant)).to(device)
+
+
+def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    path = Path(path)
+    if not path.is_file():
+        raise MQSAM2Error(f"quantized model not found: {path}")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise MQSAM2Error(f"{path} is not an mqsam2 quantized model (expected format {FORMAT})")
+    model = rebuild_quantized(payload["model"], payload["quant"], device)
+    model.load_state_dict(payload["state_dict"])
+    return model

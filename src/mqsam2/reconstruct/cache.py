@@ -1,0 +1,193 @@
+"""The calibration tensors of one unit: its inputs in the quantized and float models and the float outputs.
+
+Calls are recorded with forward hooks while the normal SAM2 code runs (so every unit sees exactly the inputs
+it sees in deployment), flattened with pytree so units with any signature share one code path, and split
+into single samples so batches can be drawn at random. Tensors recorded under sam2's `inference_mode` are
+cloned outside it, so autograd can use them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+
+from mqsam2.errors import MQSAM2Error
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Call:
+    """One recorded call: flattened (args, kwargs) and flattened output."""
+
+    inputs: list[Any]
+    input_spec: TreeSpec
+    outputs: list[Any]
+    output_spec: TreeSpec
+
+
+def _detach_copy(leaf: Any, device: torch.device) -> Any:
+    if not isinstance(leaf, torch.Tensor):
+        return leaf
+    with torch.inference_mode(False):
+        return leaf.detach().to(device, copy=True)
+
+
+@contextlib.contextmanager
+def record_calls(module: nn.Module, device: torch.device | str = "cpu") -> Iterator[list[Call]]:
+    """Every call of `module` inside the block, copied to `device`."""
+    calls: list[Call] = []
+    device = torch.device(device)
+
+    def hook(_module, args, kwargs, output):
+        inputs, input_spec = tree_flatten((args, kwargs))
+        outputs, output_spec = tree_flatten(output)
+        calls.append(
+            Call(
+                [_detach_copy(x, device) for x in inputs],
+                input_spec,
+                [_detach_copy(x, device) for x in outputs],
+                output_spec,
+            )
+        )
+
+    handle = module.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def _split_batch(call: Call) -> list[Call]:
+    """Per-sample calls from a batched one (tensors whose dim 0 is the batch are sliced, the rest shared)."""
+    tensors = [x for x in call.inputs if isinstance(x, torch.Tensor) and x.ndim > 0]
+    if not tensors or tensors[0].shape[0] == 1:
+        return [call]
+    batch = tensors[0].shape[0]
+
+    def pick(leaves: list[Any], i: int) -> list[Any]:
+        return [
+            x[i : i + 1] if isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] == batch else x
+            for x in leaves
+        ]
+
+    return [
+        Call(pick(call.inputs, i), call.input_spec, pick(call.outputs, i), call.output_spec)
+        for i in range(batch)
+    ]
+
+
+def _signature(call: Call) -> tuple:
+    """What must agree for samples to be concatenated into one batch."""
+    return (
+        str(call.input_spec),
+        tuple(tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else repr(x) for x in call.inputs),
+    )
+
+
+@dataclass
+class Batch:
+    inputs_q: list[Any]
+    inputs_fp: list[Any]
+    input_spec: TreeSpec
+    targets: list[Any]
+    output_spec: TreeSpec
+
+    def unflatten(self, leaves: list[Any]) -> tuple[tuple, dict]:
+        return tree_unflatten(leaves, self.input_spec)
+
+
+class UnitCache:
+    """Samples of one unit, grouped by signature; batches are drawn deterministically from a step number."""
+
+    def __init__(self, quant_calls: list[Call], float_calls: list[Call], batchable: bool, unit_name: str):
+        if len(quant_calls) != len(float_calls):
+            raise MQSAM2Error(
+                f"unit {unit_name}: the quantized model called it {len(quant_calls)} times and the float model "
+                f"{len(float_calls)} times on the same data; both must follow the same path"
+            )
+        if not quant_calls:
+            raise MQSAM2Error(f"unit {unit_name} was never called on the calibration data")
+        if batchable:
+            quant_calls = [s for c in quant_calls for s in _split_batch(c)]
+            float_calls = [s for c in float_calls for s in _split_batch(c)]
+        self.unit_name = unit_name
+        self.quant = quant_calls
+        self.float = float_calls
+        self.batchable = batchable
+        groups: dict[tuple, list[int]] = {}
+        for index, call in enumerate(quant_calls):
+            groups.setdefault(_signature(call), []).append(index)
+        self.groups = list(groups.values())
+        self.group_sizes = torch.tensor([len(g) for g in self.groups], dtype=torch.float64)
+
+    def __len__(self) -> int:
+        return len(self.quant)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            x.numel() * x.element_size()
+            for calls in (self.quant, self.float)
+            for call in calls
+            for x in (*call.inputs, *call.outputs)
+            if isinstance(x, torch.Tensor)
+        )
+
+    def to(self, device: torch.device | str) -> UnitCache:
+        for calls in (self.quant, self.float):
+            for call in calls:
+                call.inputs = [x.to(device) if isinstance(x, torch.Tensor) else x for x in call.inputs]
+                call.outputs = [x.to(device) if isinstance(x, torch.Tensor) else x for x in call.outputs]
+        return self
+
+    def indices(self, step: int, batch_size: int, seed: int) -> list[int]:
+        """A batch of samples sharing one signature; a pure function of (seed, step) so a resumed run
+        draws exactly the batches an uninterrupted one would."""
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        group = self.groups[int(torch.multinomial(self.group_sizes, 1, generator=generator))]
+        size = min(batch_size if self.batchable else 1, len(group))
+        picks = torch.randperm(len(group), generator=generator)[:size]
+        return [group[int(i)] for i in picks]
+
+    def batch(self, indices: list[int]) -> Batch:
+        def stack(calls: list[Call], attr: str) -> list[Any]:
+            columns = zip(*(getattr(c, attr) for c in calls), strict=True)
+            return [
+                torch.cat(col) if isinstance(col[0], torch.Tensor) and col[0].ndim > 0 else col[0]
+                for col in columns
+            ]
+
+        quant = [self.quant[i] for i in indices]
+        floats = [self.float[i] for i in indices]
+        return Batch(
+            inputs_q=stack(quant, "inputs"),
+            inputs_fp=stack(floats, "inputs"),
+            input_spec=quant[0].input_spec,
+            targets=stack(floats, "outputs"),
+            output_spec=quant[0].output_spec,
+        )
+
+
+def capture_unit(
+    unit_name: str,
+    quant_module: nn.Module,
+    float_module: nn.Module,
+    run_quant: Callable[[], None],
+    run_float: Callable[[], None],
+    batchable: bool,
+    device: torch.device | str = "cpu",
+) -> UnitCache:
+    """Record the unit's calls in both models while each runs the same calibration workload."""
+    with record_calls(float_module, device) as float_calls:
+        run_float()
+    with record_calls(quant_module, device) as quant_calls:
+        run_quant()
+    return UnitCache(quant_calls, float_calls, batchable, unit_name)

@@ -1,0 +1,151 @@
+"""The LightningModule that reconstructs one unit: AdaRound rounding + LSQ activation steps + QDrop.
+
+It holds only the math; the Trainer (built by the driver) holds devices, DDP, precision, checkpoints and logs.
+Batches are drawn from the unit's cache by global step, so a resumed fit continues the exact sequence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch.utils._pytree import tree_flatten
+
+from mqsam2.errors import MQSAM2Error
+from mqsam2.reconstruct.cache import UnitCache
+from mqsam2.reconstruct.rounding import BetaSchedule, hardened_fraction, rounding_regularizer
+from mqsam2.reconstruct.units import Unit
+
+
+def reconstruction_loss(outputs: list, targets: list, channels_first: bool) -> torch.Tensor:
+    """||f_q(x) - f(x)||^2 summed over channels, averaged over tokens, added over the unit's outputs."""
+    total = None
+    for out, target in zip(outputs, targets, strict=True):
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point() or not out.requires_grad:
+            continue
+        diff = (out.float() - target.float()).pow(2)
+        channel_dim = 1 if channels_first and diff.ndim >= 3 else -1
+        term = diff.sum(dim=channel_dim).mean() if diff.ndim > 0 else diff
+        total = term if total is None else total + term
+    if total is None:
+        raise MQSAM2Error("the unit's outputs do not depend on its quantized layers; nothing to reconstruct")
+    return total
+
+
+def mix_inputs(quant: list, float_: list, drop_prob: float) -> list:
+    """QDrop on the unit input: each element comes from the float model with probability drop_prob."""
+    mixed = []
+    for q, f in zip(quant, float_, strict=True):
+        if drop_prob > 0 and isinstance(q, torch.Tensor) and q.is_floating_point() and q.shape == f.shape:
+            q = torch.where(torch.rand_like(q, dtype=torch.float32) < drop_prob, f, q)
+        mixed.append(q)
+    return mixed
+
+
+class UnitReconstruction(L.LightningModule):
+    """Minimise the unit's output error under quantization by learning rounding and activation steps.
+
+    `learn_rounding` / `learn_act` / `drop_prob` select QDrop (all), BRECQ's two phases, or AdaRound.
+    """
+
+    def __init__(
+        self,
+        unit: Unit,
+        cache: UnitCache,
+        max_steps: int,
+        learn_rounding: bool = True,
+        learn_act: bool = True,
+        drop_prob: float = 0.5,
+        lr_rounding: float = 1e-3,
+        lr_act: float = 4e-5,
+        reg_weight: float = 0.01,
+        beta: BetaSchedule | None = None,
+        seed: int = 0,
+        check_finite_every: int = 100,
+    ):
+        super().__init__()
+        self.unit_module = unit.module
+        self.unit = unit
+        self.cache = cache
+        self.max_steps = max_steps
+        self.learn_rounding = learn_rounding
+        self.learn_act = learn_act
+        self.drop_prob = drop_prob
+        self.lr_rounding = lr_rounding
+        self.lr_act = lr_act
+        self.reg_weight = reg_weight
+        self.beta = beta or BetaSchedule(max_steps)
+        self.seed = seed
+        self.check_finite_every = check_finite_every
+        self.batch_size = 1
+        for parameter in self.unit_module.parameters():
+            parameter.requires_grad_(False)
+        self.alphas = (
+            [layer.weight_quantizer.alpha for layer in unit.layers.values()] if learn_rounding else []
+        )
+        self.act_scales = [q.scale for q in unit.act_quantizers.values()] if learn_act else []
+        for parameter in (*self.alphas, *self.act_scales):
+            parameter.requires_grad_(True)
+        for quantizer in unit.act_quantizers.values():
+            quantizer.drop_prob = drop_prob
+
+    def soft_roundings(self) -> list[torch.Tensor]:
+        return [layer.weight_quantizer.soft_rounding() for layer in self.unit.layers.values()]
+
+    def training_step(self, batch_index, _):
+        step = self.global_step
+        rank_seed = self.seed + 7919 * self.global_rank
+        torch.manual_seed(rank_seed * 1_000_003 + step)
+        batch = self.cache.batch(self.cache.indices(step, self.batch_size, rank_seed))
+        inputs = mix_inputs(batch.inputs_q, batch.inputs_fp, self.drop_prob)
+        args, kwargs = batch.unflatten(inputs)
+        outputs, _ = tree_flatten(self.unit_module(*args, **kwargs))
+        rec = reconstruction_loss(outputs, batch.targets, self.unit.channels_first)
+        loss = rec
+        beta = self.beta(step)
+        if self.learn_rounding and beta is not None:
+            reg = sum(rounding_regularizer(h, beta) for h in self.soft_roundings())
+            loss = rec + self.reg_weight * reg
+            self.log("reg", reg.detach(), on_step=True, prog_bar=False)
+        self.log("rec_loss", rec.detach(), on_step=True, prog_bar=True)
+        if step % self.check_finite_every == 0 or step == self.max_steps - 1:
+            self._check_finite(loss, step)
+            if self.learn_rounding:
+                h = torch.cat([x.detach().flatten() for x in self.soft_roundings()])
+                self.log("hardened_fraction", hardened_fraction(h), on_step=True)
+        return loss
+
+    def _check_finite(self, loss: torch.Tensor, step: int) -> None:
+        if not torch.isfinite(loss):
+            raise MQSAM2Error(
+                f"unit {self.unit.name}: loss became {loss.item()} at step {step}; the last good checkpoint is "
+                "kept: lower reconstruction.lr_act / lr_rounding or check the calibration data, then resume"
+            )
+
+    def configure_optimizers(self):
+        groups = []
+        if self.alphas:
+            groups.append({"params": self.alphas, "lr": self.lr_rounding, "name": "rounding"})
+        if self.act_scales:
+            groups.append({"params": self.act_scales, "lr": self.lr_act, "name": "act_scale"})
+        if not groups:
+            raise MQSAM2Error(f"unit {self.unit.name} has nothing to learn in this mode")
+        optimizer = torch.optim.Adam(groups)
+
+        def cosine(step: int) -> float:
+            return 0.5 * (1 + math.cos(math.pi * min(step, self.max_steps) / self.max_steps))
+
+        decays = [(lambda _step: 1.0) if g["name"] == "rounding" else cosine for g in groups]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decays)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Harden every rounding variable of every layer in the unit and switch dropping off."""
+        for layer in self.unit.layers.values():
+            layer.harden_rounding()
+        for quantizer in self.unit.act_quantizers.values():
+            quantizer.drop_prob = 0.0
+        for parameter in self.unit_module.parameters():
+            parameter.requires_grad_(False)
