@@ -17,7 +17,7 @@ def read_jpeg(path: Path) -> tuple[bytes, tuple[int, int]]:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"{path}: cannot read frame ({exc.strerror}); check the path") from None
+        raise DataError(f"{path}: cannot read the file ({exc.strerror}); check the path") from None
     return data, check_jpeg(data, str(path))
 
 

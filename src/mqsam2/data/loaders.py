@@ -40,15 +40,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _normalisation_table() -> Tensor:
-    """[3, 256]: sam2's arithmetic for every byte value (float32(v / 255) - mean) / std, in float32."""
+def _normalisation_table() -> np.ndarray:
+    """[3, 256]: sam2's torch arithmetic for every byte value, (float32(v / 255) - mean) / std in float32."""
     values = (torch.arange(256, dtype=torch.float64) / 255.0).float()
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)[:, None]
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32)[:, None]
-    return (values[None] - mean) / std
+    return ((values[None] - mean) / std).numpy()
 
 
-NORMALISE = _normalisation_table()
+NORMALISED_BYTES = _normalisation_table()
 
 
 @dataclass
@@ -119,8 +119,8 @@ def expand_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
 
 def normalise(rgb: np.ndarray) -> Tensor:
     """[H, W, 3] uint8 -> [3, H, W] float32, bit-identical to sam2's /255 then mean/std."""
-    index = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).long()
-    return torch.stack([NORMALISE[c][index[c]] for c in range(3)])
+    planes = np.ascontiguousarray(rgb.transpose(2, 0, 1))
+    return torch.from_numpy(np.stack([np.take(NORMALISED_BYTES[c], planes[c]) for c in range(3)]))
 
 
 def load_frame(jpeg: bytes, image_size: int, orig_size: tuple[int, int], where: str) -> Tensor:
@@ -388,7 +388,7 @@ def calibration_set(
     """`num_videos` distinct videos x `frames_per_video` consecutive frames and `num_images` images with at
     least one object. It reads the shards itself (no rank split), so every rank gets the same set whatever
     the world size, and the same seed gives the same set."""
-    videos: list[VideoClip] = []
+    videos: list[tuple[VideoRecord, range, str]] = []  # counted before decoding, so a shortfall fails fast
     if num_videos > 0:
         rng = random.Random(f"calibration/videos/{seed}")
         seen = set()
@@ -397,9 +397,7 @@ def calibration_set(
             if record.video_id in seen or len(record.frame_indices) < frames_per_video:
                 continue
             seen.add(record.video_id)
-            videos.append(
-                to_clip(record, clip_window(record, frames_per_video, rng), image_size, _where(sample))
-            )
+            videos.append((record, clip_window(record, frames_per_video, rng), _where(sample)))
             if len(videos) == num_videos:
                 break
         if len(videos) < num_videos:
@@ -407,14 +405,13 @@ def calibration_set(
                 f"asked for {num_videos} videos (of at least {frames_per_video} frames), shards hold "
                 f"{len(videos)}: lower calibration.videos or calibration.frames, or add shards"
             )
-    images: list[ImageSample] = []
+    images: list[tuple[ImageRecord, str]] = []
     if num_images > 0:
         rng = random.Random(f"calibration/images/{seed}")
         for sample in _draw(image_urls, rng):
             record = decode_image(sample)
-            if not any(not a.get("iscrowd", 0) for a in record.annotations):
-                continue
-            images.append(to_image_sample(record, image_size, _where(sample)))
+            if any(not a.get("iscrowd", 0) for a in record.annotations):
+                images.append((record, _where(sample)))
             if len(images) == num_images:
                 break
         if len(images) < num_images:
@@ -422,4 +419,7 @@ def calibration_set(
                 f"asked for {num_images} images (with objects), shards hold {len(images)}: "
                 "lower calibration.images or add shards"
             )
-    return CalibrationSet(videos, images)
+    return CalibrationSet(
+        [to_clip(record, window, image_size, where) for record, window, where in videos],
+        [to_image_sample(record, image_size, where) for record, where in images],
+    )
