@@ -74,5 +74,5 @@ def test_not_a_coco_file(tmp_path):
     build_coco(tmp_path / "coco")
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"videos": []}))
-    with pytest.raises(DataError, match="other.json: unknown layout: not a COCO instances file"):
+    with pytest.raises(DataError, match=r"other\.json: unknown layout: not a COCO instances file"):
         convert_coco(tmp_path / "coco" / "val2017", other, tmp_path / "out")

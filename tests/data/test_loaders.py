@@ -2,6 +2,7 @@ import io
 import logging
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,16 +168,16 @@ def test_calibration_set_is_the_same_on_every_rank(synth_set, ranks):
 
 
 def test_calibration_asks_for_more_than_the_shards_hold(synth_set):
-    with pytest.raises(DataError, match="asked for 9 videos .*shards hold 8: lower calibration.videos"):
+    with pytest.raises(DataError, match=r"asked for 9 videos .*shards hold 8: lower calibration\.videos"):
         calibration_set(synth_set.videos, None, num_videos=9, frames_per_video=12, num_images=0)
-    with pytest.raises(DataError, match="asked for 17 images .*shards hold 16: lower calibration.images"):
+    with pytest.raises(DataError, match=r"asked for 17 images .*shards hold 16: lower calibration\.images"):
         calibration_set(None, synth_set.images, num_videos=0, num_images=17)
 
 
 def test_corrupt_shard_stops_the_loader_or_is_skipped(synth_set, tmp_path, caplog):
     shards = [shutil.copy(url, tmp_path) for url in synth_set.videos]
-    data = open(shards[1], "rb").read()
-    open(shards[1], "wb").write(data[: len(data) // 3])
+    data = Path(shards[1]).read_bytes()
+    Path(shards[1]).write_bytes(data[: len(data) // 3])
     with pytest.raises(DataError, match=f"{shards[1]}: corrupt or truncated shard"):
         list(video_dataset(shards, 32, resampled=False, shuffle=False))
     with caplog.at_level(logging.WARNING, logger="mqsam2.data"):
