@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset
 
 from mqsam2.data.format import (
+    RLE,
     DataError,
     ImageRecord,
     Sample,
@@ -117,13 +118,21 @@ def expand_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
     return expanded
 
 
-def normalise(rgb: np.ndarray) -> Tensor:
-    """[H, W, 3] uint8 -> [3, H, W] float32, bit-identical to sam2's /255 then mean/std."""
-    planes = np.ascontiguousarray(rgb.transpose(2, 0, 1))
-    return torch.from_numpy(np.stack([np.take(NORMALISED_BYTES[c], planes[c]) for c in range(3)]))
+def normalise(rgb: np.ndarray, out: Tensor | None = None) -> Tensor:
+    """[H, W, 3] uint8 -> [3, H, W] float32 (written into `out` when given), bit-identical to sam2's
+    /255 then mean/std: a table lookup of what that arithmetic gives for each byte value."""
+    out = torch.empty((3, *rgb.shape[:2]), dtype=torch.float32) if out is None else out
+    planes = out.numpy()
+    for c in range(3):
+        np.take(NORMALISED_BYTES[c], rgb[..., c], out=planes[c], mode="clip")  # "clip": unbuffered
+    return out
 
 
-def load_frame(jpeg: bytes, image_size: int, orig_size: tuple[int, int], where: str) -> Tensor:
+def load_frame(
+    jpeg: bytes, image_size: int, orig_size: tuple[int, int], where: str, out: Tensor | None = None
+) -> Tensor:
+    """sam2's frame preparation (RGB, resize to SxS, normalise); conversions that would not change the
+    pixels (already RGB, already SxS) are skipped."""
     try:
         with Image.open(io.BytesIO(jpeg)) as image:
             if (image.height, image.width) != tuple(orig_size):
@@ -131,10 +140,18 @@ def load_frame(jpeg: bytes, image_size: int, orig_size: tuple[int, int], where: 
                     f"{where}: frame is {image.height}x{image.width} but its masks are "
                     f"{orig_size[0]}x{orig_size[1]}; rebuild the shard"
                 )
-            rgb = np.asarray(image.convert("RGB").resize((image_size, image_size)))
+            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            if rgb.size != (image_size, image_size):
+                rgb = rgb.resize((image_size, image_size))
+            pixels = np.asarray(rgb)
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{where}: unreadable JPEG ({exc}); rebuild the shard") from None
-    return normalise(rgb)
+    return normalise(pixels, out)
+
+
+def decode_masks(rles: list[RLE]) -> Tensor:
+    """[N, H, W] bool view of pycocotools' column-major decode (no copy)."""
+    return torch.from_numpy(mask_utils.decode(rles).view(np.bool_)).permute(2, 0, 1)
 
 
 def _where(sample: Sample) -> str:
@@ -153,20 +170,25 @@ def clip_window(record: VideoRecord, clip_len: int | None, rng: random.Random) -
     return range(start, start + clip_len)
 
 
+def _new_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """Uninitialised; inside a DataLoader worker it is born in shared memory, so handing it to the main
+    process costs no copy (as torch's own default_collate arranges)."""
+    tensor = torch.empty(shape, dtype=dtype)
+    return tensor.share_memory_() if torch.utils.data.get_worker_info() is not None else tensor
+
+
 def to_clip(record: VideoRecord, positions: range, image_size: int, where: str) -> VideoClip:
     frame_indices = [record.frame_indices[p] for p in positions]
-    frames = torch.stack(
-        [load_frame(record.jpegs[p], image_size, record.orig_size, where) for p in positions]
-    )
+    frames = _new_tensor((len(positions), 3, image_size, image_size), torch.float32)
+    for t, p in enumerate(positions):
+        load_frame(record.jpegs[p], image_size, record.orig_size, where, out=frames[t])
     labelled_frames = set(record.annotated)
     annotated = torch.tensor([f in labelled_frames for f in frame_indices], dtype=torch.bool)
-    height, width = record.orig_size
-    masks = torch.zeros((len(record.obj_ids), len(positions), height, width), dtype=torch.bool)
-    labelled = [t for t, f in enumerate(frame_indices) if annotated[t]]
+    labelled = [t for t, f in enumerate(frame_indices) if f in labelled_frames]
+    masks = _new_tensor((len(record.obj_ids), len(positions), *record.orig_size), torch.bool).zero_()
     for o, obj in enumerate(record.obj_ids):
         if labelled:
-            rles = [record.masks[obj][frame_indices[t]] for t in labelled]
-            masks[o, labelled] = torch.from_numpy(mask_utils.decode(rles).transpose(2, 0, 1).astype(bool))
+            masks[o, labelled] = decode_masks([record.masks[obj][frame_indices[t]] for t in labelled])
     return VideoClip(
         record.video_id,
         frames,
@@ -188,9 +210,7 @@ def to_image_sample(
     boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
     boxes[:, 2:] += boxes[:, :2]
     if anns:
-        masks = torch.from_numpy(
-            mask_utils.decode([a["segmentation"] for a in anns]).transpose(2, 0, 1).astype(bool)
-        )
+        masks = decode_masks([a["segmentation"] for a in anns]).contiguous()
     else:
         masks = torch.zeros((0, height, width), dtype=torch.bool)
     return ImageSample(
@@ -354,8 +374,11 @@ def image_dataset(
 
 
 def collate_clips(clips: Sequence[VideoClip]) -> ClipBatch:
-    """A padded batch with lengths: use as a DataLoader's collate_fn for video_dataset."""
+    """A padded batch with lengths: use as a DataLoader's collate_fn for video_dataset. A single clip is
+    not copied (the batch is a view of it)."""
     lengths = torch.tensor([len(c.frame_indices) for c in clips], dtype=torch.long)
+    if len(clips) == 1:
+        return ClipBatch(clips[0].frames[None], lengths, list(clips))
     frames = clips[0].frames.new_zeros((len(clips), int(lengths.max()), *clips[0].frames.shape[1:]))
     for row, clip in enumerate(clips):
         frames[row, : len(clip.frame_indices)] = clip.frames
