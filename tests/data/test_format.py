@@ -1,5 +1,6 @@
 import io
 import json
+import random
 import tarfile
 
 import numpy as np
@@ -166,8 +167,6 @@ def test_clips_split_a_video_into_consecutive_pieces():
 
 
 def test_clip_window_starts_on_an_annotated_frame():
-    import random
-
     record, _ = _record(frames=9)
     for seed in range(20):
         window = clip_window(record, 5, random.Random(seed))

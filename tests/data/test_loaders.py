@@ -199,3 +199,17 @@ def test_frame_and_mask_of_different_sizes_is_an_error(tmp_path):
 def test_epoch_len_needs_resampling(synth_set):
     with pytest.raises(ValueError, match="epoch_len needs resampled=True"):
         video_dataset(synth_set.videos, 32, resampled=False, epoch_len=4)
+
+
+def test_more_ranks_than_shards_still_gives_every_rank_its_epoch(tmp_path, ranks):
+    shards = _uneven_shards(tmp_path, [2])
+    ranks(1, 2, 1, 2)
+    with pytest.warns(UserWarning, match="rank 1 worker 1 has none of its own and draws from all"):
+        clips = list(video_dataset(shards, 16, epoch_len=5))
+    assert len(clips) == 2  # worker 1's part of 5 clips split over 2 workers
+
+
+def test_only_epochs_with_a_length_have_one(synth_set):
+    assert len(video_dataset(synth_set.videos, 32, epoch_len=6)) == 6
+    with pytest.raises(TypeError, match="no length"):
+        len(video_dataset(synth_set.videos, 32))

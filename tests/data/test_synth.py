@@ -1,4 +1,5 @@
 import math
+import multiprocessing
 import time
 from dataclasses import replace
 
@@ -6,7 +7,15 @@ import numpy as np
 from matplotlib.path import Path as Outline
 
 from mqsam2.data.loaders import image_dataset, video_dataset
-from mqsam2.data.synth import CATEGORIES, make_scene, render_clip, render_image, render_scene, write_synth
+from mqsam2.data.synth import (
+    CATEGORIES,
+    ensure_synth,
+    make_scene,
+    render_clip,
+    render_image,
+    render_scene,
+    write_synth,
+)
 
 HEIGHT, WIDTH = 90, 120
 
@@ -27,7 +36,8 @@ def _footprint(obj, t):
         across = -(xs - cx) * math.sin(a) + (ys - cy) * math.cos(a)
         return (along / s) ** 2 + (across / (s * shape.aspect)) ** 2 <= 1
     if CATEGORIES[shape.category_id] == "polygon":
-        corners = shape.polygon_vertices() * s
+        angles = 2 * math.pi * np.arange(shape.sides) / shape.sides  # corners sit at these outline angles
+        corners = np.stack([np.cos(angles), shape.aspect * np.sin(angles)], axis=1) * s
         rotation = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
         corners = corners @ rotation.T + [cx, cy]
         inside = Outline(corners).contains_points(np.stack([xs.ravel(), ys.ravel()], 1))
@@ -116,3 +126,17 @@ def test_default_sized_set_is_quick_and_complete(tmp_path):
     assert sorted(c.video_id for c in clips) == [f"synth-s0-v{i:06d}" for i in range(8)]
     assert all(c.frames.shape == (24, 3, 64, 64) and c.masks.shape[1:] == (24, 256, 256) for c in clips)
     assert all(c.annotated.all() for c in clips)
+
+
+def _ensure(root):
+    return ensure_synth(root, videos=3, frames=3, size=32, images=2)
+
+
+def test_ensure_synth_makes_the_set_once_even_when_called_at_once(tmp_path):
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        results = pool.map(_ensure, [tmp_path, tmp_path])
+    assert results[0] == results[1] == _ensure(tmp_path)
+    assert _ensure(tmp_path).reports[0].built == 0
+    clips = list(video_dataset(results[0].videos, 32, resampled=False))
+    assert sorted(c.video_id for c in clips) == ["synth-s0-v000000", "synth-s0-v000001", "synth-s0-v000002"]
+    assert not list(tmp_path.rglob("*.tmp"))

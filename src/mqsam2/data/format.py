@@ -200,20 +200,21 @@ def encode_image(record: ImageRecord) -> Sample:
     return {"__key__": record.key, IMAGE_FIELD: record.jpeg, META_FIELD: json.dumps(meta).encode()}
 
 
-def _where(sample: Sample) -> str:
+def describe(sample: Sample) -> str:
+    """Where a sample comes from, for error messages: its shard and key."""
     return f"{sample.get('__url__', '<memory>')} (sample {sample.get('__key__')})"
 
 
 def _load_json(sample: Sample, name: str, kind: str | None = None) -> Any:
     if name not in sample:
-        raise DataError(f"{_where(sample)}: no {name} field; {FIX_SHARD}")
+        raise DataError(f"{describe(sample)}: no {name} field; {FIX_SHARD}")
     try:
         value = json.loads(sample[name])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{_where(sample)}: {name} is not valid JSON ({exc}); {FIX_SHARD}") from None
+        raise DataError(f"{describe(sample)}: {name} is not valid JSON ({exc}); {FIX_SHARD}") from None
     if kind is not None and value.get("kind") != kind:
         raise DataError(
-            f"{_where(sample)}: holds a {value.get('kind')!r} sample where a {kind} was expected; "
+            f"{describe(sample)}: holds a {value.get('kind')!r} sample where a {kind} was expected; "
             "point the loader at the right shards"
         )
     return value
@@ -221,7 +222,7 @@ def _load_json(sample: Sample, name: str, kind: str | None = None) -> Any:
 
 def decode_video(sample: Sample) -> VideoRecord:
     """Parse and check a video sample; JPEGs and RLEs stay encoded so a loader decodes only what it uses."""
-    where = _where(sample)
+    where = describe(sample)
     meta = _load_json(sample, META_FIELD, "video")
     masks = _load_json(sample, MASKS_FIELD)
     size = (int(meta["orig_size"][0]), int(meta["orig_size"][1]))
@@ -257,10 +258,10 @@ def decode_video(sample: Sample) -> VideoRecord:
 def decode_image(sample: Sample) -> ImageRecord:
     meta = _load_json(sample, META_FIELD, "image")
     if IMAGE_FIELD not in sample:
-        raise DataError(f"{_where(sample)}: no {IMAGE_FIELD} field; {FIX_SHARD}")
+        raise DataError(f"{describe(sample)}: no {IMAGE_FIELD} field; {FIX_SHARD}")
     size = (int(meta["orig_size"][0]), int(meta["orig_size"][1]))
     for ann in meta["annotations"]:
-        _check_rle(ann.get("segmentation"), size, f"{_where(sample)} annotation {ann.get('id')}")
+        _check_rle(ann.get("segmentation"), size, f"{describe(sample)} annotation {ann.get('id')}")
     return ImageRecord(
         image_id=int(meta["image_id"]),
         jpeg=sample[IMAGE_FIELD],

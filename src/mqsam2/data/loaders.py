@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import random
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -32,6 +33,7 @@ from mqsam2.data.format import (
     VideoRecord,
     decode_image,
     decode_video,
+    describe,
     read_shard,
 )
 
@@ -154,10 +156,6 @@ def decode_masks(rles: list[RLE]) -> Tensor:
     return torch.from_numpy(mask_utils.decode(rles).view(np.bool_)).permute(2, 0, 1)
 
 
-def _where(sample: Sample) -> str:
-    return f"{sample.get('__url__', '<memory>')} (sample {sample.get('__key__')})"
-
-
 def clip_window(record: VideoRecord, clip_len: int | None, rng: random.Random) -> range:
     """Positions of `clip_len` consecutive frames, starting on an annotated frame when one fits (so the
     first frame can be prompted); the whole clip when clip_len is None or not shorter than it."""
@@ -226,11 +224,11 @@ def to_image_sample(
 def _decode_video_sample(sample: Sample, image_size: int, clip_len: int | None) -> VideoClip:
     record = decode_video(sample)
     positions = clip_window(record, clip_len, random.Random(sample["__seed__"]))
-    return to_clip(record, positions, image_size, _where(sample))
+    return to_clip(record, positions, image_size, describe(sample))
 
 
 def _decode_image_sample(sample: Sample, image_size: int, include_crowd: bool) -> ImageSample:
-    return to_image_sample(decode_image(sample), image_size, _where(sample), include_crowd)
+    return to_image_sample(decode_image(sample), image_size, describe(sample), include_crowd)
 
 
 def _skip_or_raise(exc: Exception, skip_bad: bool) -> bool:
@@ -267,14 +265,10 @@ class ShardStream(IterableDataset):
         self.epoch += 1
         share = list(wds.split_by_worker(wds.split_by_node(self.urls)))
         if not share and self.resampled:
-            log.warning(
-                "%d shards for %d ranks x %d workers: rank %d worker %d has none of its own and draws "
-                "from all; write smaller shards to keep ranks disjoint",
-                len(self.urls),
-                world_size,
-                num_workers,
-                rank,
-                worker,
+            warnings.warn(
+                f"{len(self.urls)} shards for {world_size} ranks x {num_workers} workers: rank {rank} "
+                f"worker {worker} has none of its own and draws from all; write smaller shards",
+                stacklevel=2,
             )
             share = list(self.urls)
         samples = self._passes(share, rng) if self.resampled else self._pass(share, rng)
@@ -312,7 +306,16 @@ def _rank_share(samples: Iterator[Any], epoch_len: int) -> Iterator[Any]:
 
 
 class SamplePipeline(wds.DataPipeline):
-    """A webdataset pipeline whose shard stream can be told the epoch."""
+    """A webdataset pipeline whose shard stream can be told the epoch, with a length when epochs have one."""
+
+    def __init__(self, *stages: Any, epoch_len: int | None = None):
+        super().__init__(*stages)
+        self.epoch_len = epoch_len
+
+    def __len__(self) -> int:
+        if self.epoch_len is None:
+            raise TypeError("this stream has no length: pass epoch_len (with resampled=True) to give it one")
+        return self.epoch_len
 
     def set_epoch(self, epoch: int) -> None:
         self.pipeline[0].set_epoch(epoch)
@@ -331,10 +334,11 @@ def _pipeline(
     if epoch_len is not None and not resampled:
         raise ValueError("epoch_len needs resampled=True (a single pass is as long as this rank's shards)")
     stream = ShardStream(expand_urls(urls), resampled, shuffle, shuffle_buffer, seed, skip_bad)
-    pipeline = SamplePipeline(stream, wds.map(decode, handler=partial(_skip_or_raise, skip_bad=skip_bad)))
+    pipeline = SamplePipeline(
+        stream, wds.map(decode, handler=partial(_skip_or_raise, skip_bad=skip_bad)), epoch_len=epoch_len
+    )
     if epoch_len is not None:
         pipeline.append(partial(_rank_share, epoch_len=epoch_len))
-        pipeline.with_length(epoch_len, silent=True)
     return pipeline
 
 
@@ -420,7 +424,7 @@ def calibration_set(
             if record.video_id in seen or len(record.frame_indices) < frames_per_video:
                 continue
             seen.add(record.video_id)
-            videos.append((record, clip_window(record, frames_per_video, rng), _where(sample)))
+            videos.append((record, clip_window(record, frames_per_video, rng), describe(sample)))
             if len(videos) == num_videos:
                 break
         if len(videos) < num_videos:
@@ -434,7 +438,7 @@ def calibration_set(
         for sample in _draw(image_urls, rng):
             record = decode_image(sample)
             if any(not a.get("iscrowd", 0) for a in record.annotations):
-                images.append((record, _where(sample)))
+                images.append((record, describe(sample)))
             if len(images) == num_images:
                 break
         if len(images) < num_images:

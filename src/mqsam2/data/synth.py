@@ -9,6 +9,7 @@ Everything is drawn from `numpy.random.default_rng(seed)`: the same seed gives t
 
 from __future__ import annotations
 
+import fcntl
 import io
 import math
 from dataclasses import dataclass, field
@@ -61,11 +62,6 @@ class Shape:
     @property
     def max_radius(self) -> float:
         return 1 + sum(a for _, a, _ in self.harmonics)
-
-    def polygon_vertices(self) -> np.ndarray:
-        """Corners of a polygon in the object's frame, [sides, 2] (u, v)."""
-        angles = 2 * math.pi * np.arange(self.sides) / self.sides
-        return np.stack([np.cos(angles), self.aspect * np.sin(angles)], axis=1)
 
 
 @dataclass(frozen=True)
@@ -182,6 +178,15 @@ def _object(
     return SceneObject(obj_id, _shape(rng), texture, center, angle, scale)
 
 
+def _distance_to_border(start: np.ndarray, heading: np.ndarray, width: int, height: int) -> float:
+    """How far a point at `start` inside the frame travels along the unit vector `heading` to the border."""
+    return min(
+        ((extent if step > 0 else 0) - position) / step
+        for position, step, extent in zip(start, heading, (width, height), strict=True)
+        if abs(step) > 1e-9
+    )
+
+
 def make_scene(seed: int, num_frames: int, size: Size, num_objects: int | tuple[int, int] = (2, 5)) -> Scene:
     """A clip's geometry: objects start spread on a ring, orbit and cross the centre (so they occlude each
     other), and one heads for the nearest edge, is fully outside for the middle half and comes back."""
@@ -204,17 +209,8 @@ def make_scene(seed: int, num_frames: int, size: Size, num_objects: int | tuple[
         scale0 = rng.uniform(0.09, 0.15) * short
         if index == wanderer:
             start = middle + ring * np.array([math.cos(start_angle), math.sin(start_angle)])
-            heading = start - middle
-            heading /= np.linalg.norm(heading)
-            to_edge = min(
-                ((width if heading[0] > 0 else 0) - start[0]) / heading[0]
-                if abs(heading[0]) > 1e-6
-                else np.inf,
-                ((height if heading[1] > 0 else 0) - start[1]) / heading[1]
-                if abs(heading[1]) > 1e-6
-                else np.inf,
-            )
-            travel = 2 * (to_edge + MAX_REACH * scale0 + 2)
+            heading = (start - middle) / np.linalg.norm(start - middle)
+            travel = 2 * (_distance_to_border(start, heading, width, height) + MAX_REACH * scale0 + 2)
             along = (1 - np.cos(2 * math.pi * t / max(num_frames - 1, 1))) / 2
             center = start + travel * along[:, None] * heading
         else:
@@ -228,9 +224,9 @@ def make_scene(seed: int, num_frames: int, size: Size, num_objects: int | tuple[
 
 
 def render_scene(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
-    """(frames [T, H, W, 3] uint8, labels [T, H, W] int: the visible object's id, 0 for background)."""
+    """(frames [T, H, W, 3] uint8, labels [T, H, W] uint8: the visible object's id, 0 for background)."""
     frames = np.empty((scene.num_frames, scene.height, scene.width, 3), np.uint8)
-    labels = np.zeros((scene.num_frames, scene.height, scene.width), np.int32)
+    labels = np.zeros((scene.num_frames, scene.height, scene.width), np.uint8)
     for t in range(scene.num_frames):
         frames[t] = scene.background(t)
         for obj in scene.objects:
@@ -281,7 +277,7 @@ def _jpeg(pixels: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def item_seed(seed: int, stream: int, index: int) -> int:
+def _item_seed(seed: int, stream: int, index: int) -> int:
     """Independent seeds for the i-th video (stream 0) or image (stream 1) of a synthetic set."""
     return int(np.random.SeedSequence([seed, stream, index]).generate_state(1)[0])
 
@@ -300,7 +296,7 @@ def box_xywh(mask: np.ndarray) -> list[float]:
 def _video_samples(
     index: int, seed: int, frames: int, size: Size, num_objects: int | tuple[int, int], annotate_every: int
 ) -> list[Sample]:
-    pixels, masks = render_clip(item_seed(seed, 0, index), frames, size, num_objects)
+    pixels, masks = render_clip(_item_seed(seed, 0, index), frames, size, num_objects)
     annotated = list(range(0, frames, annotate_every))
     record = VideoRecord(
         video_id=f"synth-s{seed}-v{index:06d}",
@@ -317,7 +313,7 @@ def _video_samples(
 
 
 def _image_samples(index: int, seed: int, size: Size, num_objects: int | tuple[int, int]) -> list[Sample]:
-    pixels, masks, categories = render_image(item_seed(seed, 1, index), size, num_objects)
+    pixels, masks, categories = render_image(_item_seed(seed, 1, index), size, num_objects)
     annotations = [
         {
             "id": obj,
@@ -419,6 +415,10 @@ def ensure_synth(
     seed: int = 0,
     images: int = 32,
 ) -> SynthShards:
-    """The embedded default data set, made on first use under root/<settings>/ and reused afterwards."""
+    """The embedded default data set, made on first use under root/<settings>/ and reused afterwards.
+    Callers running at once (DDP ranks, parallel tests) take turns on a lock: the first makes it."""
     out = Path(root) / f"v{videos}x{frames}-s{size}-i{images}-seed{seed}"
-    return write_synth(out, videos, frames, size, seed, images=images)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return write_synth(out, videos, frames, size, seed, images=images)
