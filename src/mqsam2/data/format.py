@@ -279,7 +279,6 @@ class ShardWriter:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
-        self.count = 0
         self._tar: wds.TarWriter | None = None
 
     def __enter__(self) -> ShardWriter:
@@ -290,7 +289,6 @@ class ShardWriter:
     def write(self, sample: Sample) -> None:
         assert self._tar is not None, "use ShardWriter as a context manager"
         self._tar.write(sample)
-        self.count += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:
         assert self._tar is not None

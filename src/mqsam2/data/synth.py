@@ -70,7 +70,7 @@ class SceneObject:
     shape: Shape
     texture: np.ndarray  # [K, K, 3] uint8, pinned to the shape so it moves, turns and scales with it
     center: np.ndarray  # [T, 2] (x, y) in pixels
-    angle: np.ndarray  # [T] radians, counter-clockwise from the x axis toward y
+    angle: np.ndarray  # [T] radians from the x axis toward the y axis (clockwise on screen: y points down)
     scale: np.ndarray  # [T] pixels per unit of the shape's frame
 
     def footprint(
