@@ -186,14 +186,18 @@ def test_corrupt_shard_stops_the_loader_or_is_skipped(synth_set, tmp_path, caplo
     assert any(shards[1] in record.getMessage() for record in caplog.records)
 
 
-def test_frame_and_mask_of_different_sizes_is_an_error(tmp_path):
-    record = _tiny_video("mismatch", size=(16, 24), mask_size=(17, 24))
+def test_frame_and_mask_of_different_sizes_is_an_error_or_skipped(tmp_path, caplog):
     with ShardWriter(tmp_path / "m.tar") as writer:
-        writer.write(encode_video(record))
+        writer.write(encode_video(_tiny_video("mismatch", size=(16, 24), mask_size=(17, 24))))
+        writer.write(encode_video(_tiny_video("fine")))
     with pytest.raises(
         DataError, match=r"m\.tar \(sample mismatch-c0000\): frame is 16x24 but its masks are 17x24"
     ):
-        list(video_dataset(str(tmp_path / "m.tar"), 16, resampled=False))
+        list(video_dataset(str(tmp_path / "m.tar"), 16, resampled=False, shuffle=False))
+    with caplog.at_level(logging.WARNING, logger="mqsam2.data"):
+        clips = list(video_dataset(str(tmp_path / "m.tar"), 16, resampled=False, skip_bad=True))
+    assert [c.video_id for c in clips] == ["fine"]
+    assert "mismatch-c0000" in caplog.text
 
 
 def test_epoch_len_needs_resampling(synth_set):
