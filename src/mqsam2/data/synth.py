@@ -316,7 +316,7 @@ def _image_samples(index: int, seed: int, size: Size, num_objects: int | tuple[i
     pixels, masks, categories = render_image(_item_seed(seed, 1, index), size, num_objects)
     annotations = [
         {
-            "id": obj,
+            "id": (index + 1) * 1000 + obj,  # unique across the set, as COCO evaluation needs
             "category_id": categories[obj],
             "category": CATEGORIES[categories[obj]],
             "bbox": box_xywh(mask),
