@@ -6,6 +6,7 @@ from dataclasses import replace
 import numpy as np
 from matplotlib.path import Path as Outline
 
+from mqsam2.data.format import decode_image, read_shard
 from mqsam2.data.loaders import image_dataset, video_dataset
 from mqsam2.data.synth import (
     CATEGORIES,
@@ -140,3 +141,8 @@ def test_ensure_synth_makes_the_set_once_even_when_called_at_once(tmp_path):
     clips = list(video_dataset(results[0].videos, 32, resampled=False))
     assert sorted(c.video_id for c in clips) == ["synth-s0-v000000", "synth-s0-v000001", "synth-s0-v000002"]
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_image_annotation_ids_are_unique_across_the_set(synth_set):
+    ids = [a["id"] for url in synth_set.images for s in read_shard(url) for a in decode_image(s).annotations]
+    assert len(ids) == len(set(ids)) > 16
