@@ -24,7 +24,8 @@ from mqsam2.allocation import (
 )
 from mqsam2.importance import LayerImportance
 
-CANDIDATE_SETS = [(3, 4, 5), (4, 5, 6, 7, 8), (2, 3, 4, 5, 6, 7, 8), (2, 8), (4,)]
+# Evenly spaced sets get the ILP's symmetry-breaking pairs, the uneven ones do not.
+CANDIDATE_SETS = [(3, 4, 5), (4, 5, 6, 7, 8), (2, 3, 4, 5, 6, 7, 8), (2, 8), (2, 3, 5, 8)]
 
 
 def brute_force(scores, params, candidates, target_avg, error=lambda b: 2.0**-b):
@@ -38,14 +39,14 @@ def brute_force(scores, params, candidates, target_avg, error=lambda b: 2.0**-b)
 
 
 def random_instance(rng: random.Random):
-    """Instances small enough to enumerate. The parameter total is a power of two, so every achievable
-    average and every target below is an exact float: tight budgets are exactly tight. Scores come from a
-    short list so that ties are common."""
-    candidates = rng.choice(CANDIDATE_SETS[:4])
+    """Instances small enough to enumerate, with many layers of equal size and many equal scores (ties).
+    The parameter total is a power of two, so every achievable average and every target below is an exact
+    float: tight budgets are exactly tight."""
+    candidates = rng.choice(CANDIDATE_SETS)
     layers = rng.randint(1, 6 if len(candidates) <= 3 else 4)
-    total = 2 ** rng.randint(max(3, layers.bit_length()), 9)
-    cuts = sorted(rng.sample(range(1, total), layers - 1))
-    params = [b - a for a, b in zip([0, *cuts], [*cuts, total], strict=True)]
+    params = [rng.choice([1, 2, 2, 4, 4, 8]) for _ in range(layers - 1)]
+    total = 2 ** (sum(params) + 1).bit_length()
+    params.append(total - sum(params))
     scores = [rng.choice([0.0, 0.25, 1.0, 1.0, 3.0, 7.5]) for _ in range(layers)]
     budget_kind = rng.choice(["tight", "loose", "lowest", "highest"])
     if budget_kind == "tight":  # the exact average of some assignment
@@ -75,21 +76,29 @@ def test_ilp_equals_brute_force_on_random_instances():
         )
 
 
-def test_ilp_equals_brute_force_with_a_pluggable_error_model():
+@pytest.mark.parametrize(
+    "error",
+    [lambda b: 10.0 - b, lambda b: 100.0 - b * b],
+    ids=["linear: convex, equal decrements", "concave: no symmetry-breaking pairs"],
+)
+def test_ilp_equals_brute_force_with_a_pluggable_error_model(error):
     rng = random.Random(1)
-    linear_error = lambda b: 10.0 - b  # noqa: E731 - not exponential: the ILP must not depend on the shape
-    for _ in range(15):
+    for _ in range(25):
         scores, params, candidates, target = random_instance(rng)
-        bits = solve_ilp(scores, params, candidates, target, error=linear_error)
-        assert allocation.objective(scores, bits, linear_error) == pytest.approx(
-            brute_force(scores, params, candidates, target, linear_error), rel=1e-9
+        bits = solve_ilp(scores, params, candidates, target, error=error)
+        assert allocation.objective(scores, bits, error) == pytest.approx(
+            brute_force(scores, params, candidates, target, error), rel=1e-9
         )
+
+
+def test_ilp_with_a_single_candidate():
+    assert solve_ilp([1.0, 2.0], [3, 4], [4], 4) == [4, 4]
 
 
 def test_greedy_is_feasible_and_never_better_than_the_ilp():
     rng = random.Random(2)
     for _ in range(40):
-        candidates = rng.choice(CANDIDATE_SETS[:3])
+        candidates = rng.choice(CANDIDATE_SETS)
         layers = rng.randint(1, 40)
         scores = [rng.lognormvariate(0, 2) for _ in range(layers)]
         params = [rng.randint(1, 10**6) for _ in range(layers)]

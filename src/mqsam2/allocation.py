@@ -13,6 +13,7 @@ import json
 import math
 import numbers
 import time
+from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -140,32 +141,43 @@ def solve_ilp(
     target_avg: float,
     error: ErrorModel | None = None,
 ) -> list[int]:
-    """Exact solution of Eq. 6: a binary per (layer, candidate), one-hot per layer, solved by CBC to a proven
-    optimum."""
-    problem = _problem(scores, params, candidates, target_avg, error)
-    costs = [[score * problem.error(bits) for bits in problem.candidates] for score in problem.scores]
-    largest = max(max(row) for row in costs)
-    scale = _COST_SCALE / largest if largest > 0 else 1.0
-    lowest = problem.candidates[0]
+    """Exact solution of Eq. 6, solved by CBC to a proven optimum.
 
-    model = pulp.LpProblem("bit_allocation", pulp.LpMinimize)
-    choice = [
-        [model.add_variable(f"layer{layer}_bits{bits}", cat=pulp.LpBinary) for bits in problem.candidates]
-        for layer in range(len(costs))
+    Binary `step[l][k]` is 1 when layer l gets more bits than candidate k; steps are taken in order
+    (`step[l][k] >= step[l][k+1]`) and the layer's bits are the lowest candidate plus the steps taken. This is
+    the one-hot model (x_lk = step[l][k-1] - step[l][k]) in other coordinates, with the same LP relaxation,
+    but branching on a step splits a layer's candidates into a low and a high half instead of excluding one,
+    and CBC proves optimality with far fewer nodes (SAM2.1-L: 0.4 s instead of 30 s at 6 bits, 5 candidates).
+    """
+    problem = _problem(scores, params, candidates, target_avg, error)
+    bits = problem.candidates
+    gains = [
+        [score * (problem.error(low) - problem.error(high)) for low, high in itertools.pairwise(bits)]
+        for score in problem.scores
+    ]
+    largest = max((gain for row in gains for gain in row), default=0.0)
+    scale = _COST_SCALE / largest if largest > 0 else 1.0
+
+    model = pulp.LpProblem("bit_allocation", pulp.LpMaximize)
+    steps = [
+        [model.add_variable(f"layer{layer}_above{low}", cat=pulp.LpBinary) for low in bits[:-1]]
+        for layer in range(len(gains))
     ]
     model += pulp.LpAffineExpression(
-        (var, scale * cost)
-        for row, cost_row in zip(choice, costs, strict=True)
-        for var, cost in zip(row, cost_row, strict=True)
+        (step, scale * gain)
+        for row, gain_row in zip(steps, gains, strict=True)
+        for step, gain in zip(row, gain_row, strict=True)
     )
-    for row in choice:
-        model += pulp.lpSum(row) == 1
-    # Bits above the lowest candidate keep the coefficients small and integral, so the budget is exact.
+    for row in steps:
+        for earlier, later in itertools.pairwise(row):
+            model += earlier >= later
     model += pulp.LpAffineExpression(
-        (var, (bits - lowest) * count)
-        for row, count in zip(choice, problem.params, strict=True)
-        for var, bits in zip(row, problem.candidates, strict=True)
-    ) <= problem.budget - lowest * sum(problem.params)
+        (step, (high - low) * count)
+        for row, count in zip(steps, problem.params, strict=True)
+        for step, (low, high) in zip(row, itertools.pairwise(bits), strict=True)
+    ) <= problem.budget - bits[0] * sum(problem.params)
+    for (layer_a, step_a), (layer_b, step_b) in _exchange_order(problem, gains):
+        model += steps[layer_a][step_a] >= steps[layer_b][step_b]
     try:
         model.solve(_CBC)
     except pulp.PulpSolverError as failure:
@@ -175,12 +187,38 @@ def solve_ilp(
             f"CBC did not prove an optimum: status {pulp.LpStatus[model.status]}, "
             f"solution {pulp.LpSolution[model.sol_status]}"
         )
-    solution = [
-        problem.candidates[max(range(len(row)), key=lambda k, row=row: row[k].value())] for row in choice
-    ]
+    solution = [bits[sum(round(step.value()) for step in row)] for row in steps]
     if sum(b * p for b, p in zip(solution, problem.params, strict=True)) > problem.budget:
         raise SolverError("CBC returned an assignment over the bit budget")
     return solution
+
+
+def _exchange_order(
+    problem: _Problem, gains: list[list[float]]
+) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Pairs (a, b) of (layer, step) with `step a >= step b` in some optimal solution: symmetry breaking.
+
+    Holds when the candidates are evenly spaced and E is convex on them (each layer's gains fall step by
+    step): among steps of equal bit cost (layers of equal p_l), ordered by gain, if b is taken and a is not,
+    taking the first untaken step of a's layer instead of the last taken step of b's layer keeps the budget
+    and loses no error. Without these pairs, the many layers of equal size make CBC enumerate equivalent
+    near-optima (SAM2.1-L at 6 bits with candidates 2..8: 5 s instead of 0.3 s).
+    """
+    spacings = {high - low for low, high in itertools.pairwise(problem.candidates)}
+    decrements = [
+        problem.error(low) - problem.error(high) for low, high in itertools.pairwise(problem.candidates)
+    ]
+    if len(spacings) > 1 or any(later > earlier for earlier, later in itertools.pairwise(decrements)):
+        return []
+    by_cost: dict[int, list[tuple[float, int, int]]] = defaultdict(list)
+    for layer, row in enumerate(gains):
+        for step, gain in enumerate(row):
+            by_cost[problem.params[layer]].append((-gain, layer, step))
+    return [
+        ((layer_a, step_a), (layer_b, step_b))
+        for same_cost in by_cost.values()
+        for (_, layer_a, step_a), (_, layer_b, step_b) in itertools.pairwise(sorted(same_cost))
+    ]
 
 
 def solve_greedy(
