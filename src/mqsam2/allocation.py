@@ -2,10 +2,10 @@
 
     minimise  sum_l S_l * E(b_l)   subject to   sum_l b_l * p_l <= B_avg * sum_l p_l,   b_l in B
 
-`solve_ilp` solves it exactly (one binary per layer and candidate, PuLP's bundled CBC); `solve_greedy` is the
-paper's heuristic as method.md §4 reads it, kept as the baseline that shows what exactness buys;
-`solve_uniform` gives every layer the target. All three share one signature and one validation, and return
-bits in layer order.
+`solve_ilp` solves it exactly (binary variables per layer and candidate step, PuLP's bundled CBC);
+`solve_greedy` is the paper's heuristic as method.md §4 reads it, kept as the baseline that shows what
+exactness buys; `solve_uniform` gives every layer the target. All three share one signature and one
+validation, and return bits in layer order.
 """
 
 import itertools
@@ -42,8 +42,8 @@ FAMILIES = (
 )
 OTHER_FAMILY = "other heads"
 
-# CBC ignores objective improvements below an absolute increment (1e-5 by default); costs are scaled so that
-# the largest one is this big, which puts that increment far below any difference that matters.
+# CBC ignores objective improvements below an absolute increment (1e-5 by default); the objective is
+# scaled so that its largest coefficient is this big, which puts that increment far below any that matters.
 _COST_SCALE = 1e6
 
 
@@ -147,7 +147,8 @@ def solve_ilp(
     (`step[l][k] >= step[l][k+1]`) and the layer's bits are the lowest candidate plus the steps taken. This is
     the one-hot model (x_lk = step[l][k-1] - step[l][k]) in other coordinates, with the same LP relaxation,
     but branching on a step splits a layer's candidates into a low and a high half instead of excluding one,
-    and CBC proves optimality with far fewer nodes (SAM2.1-L: 0.4 s instead of 30 s at 6 bits, 5 candidates).
+    and CBC proves optimality with far fewer nodes (SAM2.1-L: a fraction of a second instead of half a
+    minute; docs/benchmarks.md).
     """
     problem = _problem(scores, params, candidates, target_avg, error)
     bits = problem.candidates
@@ -202,7 +203,7 @@ def _exchange_order(
     step): among steps of equal bit cost (layers of equal p_l), ordered by gain, if b is taken and a is not,
     taking the first untaken step of a's layer instead of the last taken step of b's layer keeps the budget
     and loses no error. Without these pairs, the many layers of equal size make CBC enumerate equivalent
-    near-optima (SAM2.1-L at 6 bits with candidates 2..8: 5 s instead of 0.3 s).
+    near-optima (SAM2.1-L at 6 bits with candidates 2..8: seconds instead of a fraction of one).
     """
     spacings = {high - low for low, high in itertools.pairwise(problem.candidates)}
     decrements = [
@@ -383,7 +384,9 @@ def plot_allocation(
     for position in positions[1:]:
         if families[position] != families[position - 1]:
             axes.axvline(position - 0.5, color="black", lw=0.6)
-    axes.set(xlim=(-0.5, len(names) - 0.5), ylim=(0, max(bits) + 1), yticks=sorted(set(bits)))
+    axes.set(
+        xlim=(-0.5, len(names) - 0.5), ylim=(max(min(bits) - 1, 0), max(bits) + 0.5), yticks=sorted(set(bits))
+    )
     axes.set(xlabel="layer (network order)", ylabel="bit-width", title=title)
     importance_axes = axes.twinx()
     (marks,) = importance_axes.plot(positions, scores, "k.", ms=3, label="importance $S_l$")
@@ -391,7 +394,7 @@ def plot_allocation(
         importance_axes.set_yscale("log")
     importance_axes.set_ylabel("importance $S_l$")
     handles = [Patch(color=colour, label=family) for family, colour in colours.items()] + [marks]
-    figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize="small")
+    figure.legend(handles=handles, loc="outside lower center", ncols=4, fontsize="small")
     path = Path(path)
     figure.savefig(path, dpi=150)
     return path
