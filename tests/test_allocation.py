@@ -60,9 +60,8 @@ def random_instance(rng: random.Random):
 
 
 def is_feasible(bits, params, candidates, target_avg):
-    return set(bits) <= set(candidates) and sum(
-        b * p for b, p in zip(bits, params, strict=True)
-    ) <= target_avg * sum(params)
+    used = sum(b * p for b, p in zip(bits, params, strict=True))
+    return set(bits) <= set(candidates) and used <= target_avg * sum(params)
 
 
 def test_ilp_equals_brute_force_on_random_instances():
