@@ -79,6 +79,7 @@ class UnitReconstruction(L.LightningModule):
         self.seed = seed
         self.check_finite_every = check_finite_every
         self.batch_size = 1
+        self.log_prefix = ""
         for parameter in self.unit_module.parameters():
             parameter.requires_grad_(False)
         self.alphas = (
@@ -107,13 +108,13 @@ class UnitReconstruction(L.LightningModule):
         if self.learn_rounding and beta is not None:
             reg = sum(rounding_regularizer(h, beta) for h in self.soft_roundings())
             loss = rec + self.reg_weight * reg
-            self.log("reg", reg.detach(), on_step=True, prog_bar=False)
-        self.log("rec_loss", rec.detach(), on_step=True, prog_bar=True)
+            self.log(self.log_prefix + "reg", reg.detach(), on_step=True, prog_bar=False)
+        self.log(self.log_prefix + "rec_loss", rec.detach(), on_step=True, prog_bar=True)
         if step % self.check_finite_every == 0 or step == self.max_steps - 1:
             self._check_finite(loss, step)
             if self.learn_rounding:
                 h = torch.cat([x.detach().flatten() for x in self.soft_roundings()])
-                self.log("hardened_fraction", hardened_fraction(h), on_step=True)
+                self.log(self.log_prefix + "hardened_fraction", hardened_fraction(h), on_step=True)
         return loss
 
     def _check_finite(self, loss: torch.Tensor, step: int) -> None:

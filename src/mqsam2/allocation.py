@@ -1,0 +1,400 @@
+"""Bit allocation of Mix-QSAM2 (Eq. 6): a bit-width per layer that minimises the importance-weighted error.
+
+    minimise  sum_l S_l * E(b_l)   subject to   sum_l b_l * p_l <= B_avg * sum_l p_l,   b_l in B
+
+`solve_ilp` solves it exactly (binary variables per layer and candidate step, PuLP's bundled CBC);
+`solve_greedy` is the paper's heuristic as method.md §4 reads it, kept as the baseline that shows what
+exactness buys; `solve_uniform` gives every layer the target. All three share one signature and one
+validation, and return bits in layer order.
+"""
+
+import itertools
+import json
+import math
+import numbers
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import pulp
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from mqsam2.importance import LayerImportance
+
+ErrorModel = Callable[[int], float]
+
+ERROR_MODELS: dict[str, ErrorModel] = {
+    "pow2": lambda bits: 2.0**-bits,  # the quantization step of a b-bit grid: the paper's example
+    "pow4": lambda bits: 4.0**-bits,  # the squared step: quantization noise power (MSE)
+}
+
+FAMILIES = (
+    "image_encoder.trunk",
+    "image_encoder.neck",
+    "memory_attention",
+    "memory_encoder",
+    "sam_prompt_encoder",
+    "sam_mask_decoder",
+)
+OTHER_FAMILY = "other heads"
+
+# CBC ignores objective improvements below an absolute increment (1e-5 by default); the objective is
+# scaled so that its largest coefficient is this big, which puts that increment far below any that matters.
+_COST_SCALE = 1e6
+
+
+# PuLP 3.3 deprecates its PULP_CBC_CMD wrapper but still ships the CBC binary (pinned): run it via COIN_CMD.
+_CBC = pulp.COIN_CMD(path=pulp.PULP_CBC_CMD.pulp_cbc_path, msg=False, gapRel=0.0, gapAbs=0.0)
+
+
+class AllocationError(ValueError):
+    """Bad input to the allocation, reported in one line and never repaired."""
+
+
+class SolverError(RuntimeError):
+    """The ILP solver failed or did not prove an optimum; there is deliberately no fallback to the greedy."""
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """Validated Eq. 6 instance: candidates ascending, the budget in whole bits."""
+
+    scores: list[float]
+    params: list[int]
+    candidates: list[int]
+    budget: int
+    error: ErrorModel
+
+
+def error_model(error: str | ErrorModel | None) -> ErrorModel:
+    """The callable E(b) for a config value: a name in ERROR_MODELS, a callable, or None for "pow2"."""
+    if error is None:
+        return ERROR_MODELS["pow2"]
+    if callable(error):
+        return error
+    if error not in ERROR_MODELS:
+        raise AllocationError(f"unknown error model {error!r}; expected one of {', '.join(ERROR_MODELS)}")
+    return ERROR_MODELS[error]
+
+
+def _problem(
+    scores: Sequence[float],
+    params: Sequence[int],
+    candidates: Sequence[int],
+    target_avg: float,
+    error: ErrorModel | None,
+) -> _Problem:
+    if not scores:
+        raise AllocationError("no layers to allocate")
+    if len(scores) != len(params):
+        raise AllocationError(f"{len(scores)} scores but {len(params)} parameter counts")
+    for layer, score in enumerate(scores):
+        if not (math.isfinite(score) and score >= 0):
+            raise AllocationError(f"score of layer {layer} is {score}; scores must be finite and >= 0")
+    for layer, count in enumerate(params):
+        if not (isinstance(count, numbers.Integral) and count > 0):
+            raise AllocationError(
+                f"parameter count of layer {layer} is {count}; counts must be positive integers"
+            )
+    if not candidates:
+        raise AllocationError("no candidate bit-widths")
+    if len(set(candidates)) != len(candidates):
+        raise AllocationError(f"duplicate candidate bit-widths in {list(candidates)}")
+    if not all(isinstance(bits, numbers.Integral) and bits > 0 for bits in candidates):
+        raise AllocationError(f"candidate bit-widths must be positive integers, got {list(candidates)}")
+    ascending = sorted(int(bits) for bits in candidates)
+    if not ascending[0] <= target_avg <= ascending[-1]:
+        raise AllocationError(
+            f"target_avg={target_avg} is outside the feasible range [{ascending[0]}, {ascending[-1]}] "
+            f"of candidates {ascending}"
+        )
+    error = error_model(error)
+    errors = [error(bits) for bits in ascending]
+    if not all(math.isfinite(e) and e >= 0 for e in errors) or any(
+        later >= earlier for earlier, later in itertools.pairwise(errors)
+    ):
+        raise AllocationError(f"the error model must be finite, >= 0 and fall as bits grow; got {errors}")
+    params = [int(count) for count in params]
+    budget = math.floor(Fraction(str(float(target_avg))) * sum(params))
+    return _Problem([float(s) for s in scores], params, ascending, budget, error)
+
+
+def objective(scores: Sequence[float], bits: Sequence[int], error: ErrorModel | None = None) -> float:
+    """Eq. 6's objective sum_l S_l * E(b_l)."""
+    error = error_model(error)
+    return math.fsum(score * error(b) for score, b in zip(scores, bits, strict=True))
+
+
+def average_bits(params: Sequence[int], bits: Sequence[int]) -> float:
+    """The parameter-weighted average bit-width that Eq. 6 bounds."""
+    return sum(p * b for p, b in zip(params, bits, strict=True)) / sum(params)
+
+
+def solve_ilp(
+    scores: Sequence[float],
+    params: Sequence[int],
+    candidates: Sequence[int],
+    target_avg: float,
+    error: ErrorModel | None = None,
+) -> list[int]:
+    """Exact solution of Eq. 6, solved by CBC to a proven optimum.
+
+    Binary `step[l][k]` is 1 when layer l gets more bits than candidate k; steps are taken in order
+    (`step[l][k] >= step[l][k+1]`) and the layer's bits are the lowest candidate plus the steps taken. This is
+    the one-hot model (x_lk = step[l][k-1] - step[l][k]) in other coordinates, with the same LP relaxation,
+    but branching on a step splits a layer's candidates into a low and a high half instead of excluding one,
+    and CBC proves optimality with far fewer nodes (SAM2.1-L: a fraction of a second instead of half a
+    minute; docs/benchmarks.md).
+    """
+    problem = _problem(scores, params, candidates, target_avg, error)
+    bits = problem.candidates
+    gains = [
+        [score * (problem.error(low) - problem.error(high)) for low, high in itertools.pairwise(bits)]
+        for score in problem.scores
+    ]
+    largest = max((gain for row in gains for gain in row), default=0.0)
+    scale = _COST_SCALE / largest if largest > 0 else 1.0
+
+    model = pulp.LpProblem("bit_allocation", pulp.LpMaximize)
+    steps = [
+        [model.add_variable(f"layer{layer}_above{low}", cat=pulp.LpBinary) for low in bits[:-1]]
+        for layer in range(len(gains))
+    ]
+    model += pulp.LpAffineExpression(
+        (step, scale * gain)
+        for row, gain_row in zip(steps, gains, strict=True)
+        for step, gain in zip(row, gain_row, strict=True)
+    )
+    for row in steps:
+        for earlier, later in itertools.pairwise(row):
+            model += earlier >= later
+    model += pulp.LpAffineExpression(
+        (step, (high - low) * count)
+        for row, count in zip(steps, problem.params, strict=True)
+        for step, (low, high) in zip(row, itertools.pairwise(bits), strict=True)
+    ) <= problem.budget - bits[0] * sum(problem.params)
+    for (layer_a, step_a), (layer_b, step_b) in _exchange_order(problem, gains):
+        model += steps[layer_a][step_a] >= steps[layer_b][step_b]
+    try:
+        model.solve(_CBC)
+    except pulp.PulpSolverError as failure:
+        raise SolverError(f"CBC failed: {failure}") from failure
+    if model.sol_status != pulp.LpSolutionOptimal:
+        raise SolverError(
+            f"CBC did not prove an optimum: status {pulp.LpStatus[model.status]}, "
+            f"solution {pulp.LpSolution[model.sol_status]}"
+        )
+    solution = [bits[sum(round(step.value()) for step in row)] for row in steps]
+    if sum(b * p for b, p in zip(solution, problem.params, strict=True)) > problem.budget:
+        raise SolverError("CBC returned an assignment over the bit budget")
+    return solution
+
+
+def _exchange_order(
+    problem: _Problem, gains: list[list[float]]
+) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Pairs (a, b) of (layer, step) with `step a >= step b` in some optimal solution: symmetry breaking.
+
+    Holds when the candidates are evenly spaced and E is convex on them (each layer's gains fall step by
+    step): among steps of equal bit cost (layers of equal p_l), ordered by gain, if b is taken and a is not,
+    taking the first untaken step of a's layer instead of the last taken step of b's layer keeps the budget
+    and loses no error. Without these pairs, the many layers of equal size make CBC enumerate equivalent
+    near-optima (SAM2.1-L at 6 bits with candidates 2..8: seconds instead of a fraction of one).
+    """
+    spacings = {high - low for low, high in itertools.pairwise(problem.candidates)}
+    decrements = [
+        problem.error(low) - problem.error(high) for low, high in itertools.pairwise(problem.candidates)
+    ]
+    if len(spacings) > 1 or any(later > earlier for earlier, later in itertools.pairwise(decrements)):
+        return []
+    by_cost: dict[int, list[tuple[float, int, int]]] = defaultdict(list)
+    for layer, row in enumerate(gains):
+        for step, gain in enumerate(row):
+            by_cost[problem.params[layer]].append((-gain, layer, step))
+    return [
+        ((layer_a, step_a), (layer_b, step_b))
+        for same_cost in by_cost.values()
+        for (_, layer_a, step_a), (_, layer_b, step_b) in itertools.pairwise(sorted(same_cost))
+    ]
+
+
+def solve_greedy(
+    scores: Sequence[float],
+    params: Sequence[int],
+    candidates: Sequence[int],
+    target_avg: float,
+    error: ErrorModel | None = None,
+) -> list[int]:
+    """The paper's heuristic (method.md §4): rank-based start, cheapest downgrades, then largest upgrades.
+
+    Start: layers sorted by importance are split into |B| equal groups, the most important one at the highest
+    candidate. Over budget: downgrade by one candidate step the layer that loses the least importance-weighted
+    error per freed bit, `S_l * (E(lower) - E(b)) / ((b - lower) * p_l)`. Under budget: upgrade the largest
+    layer whose upgrade still fits, until none fits.
+    """
+    problem = _problem(scores, params, candidates, target_avg, error)
+    bits_of, error_of, top = problem.candidates, problem.error, len(problem.candidates) - 1
+    ranked = sorted(range(len(problem.scores)), key=lambda layer: -problem.scores[layer])
+    group_size, larger_groups = divmod(len(ranked), len(bits_of))
+    level = [0] * len(ranked)
+    start = 0
+    for group in range(len(bits_of)):
+        end = start + group_size + (group < larger_groups)
+        for layer in ranked[start:end]:
+            level[layer] = top - group
+        start = end
+
+    def step_bits(layer: int, step: int) -> int:
+        """Bits that moving `layer` by `step` candidate levels adds to the total."""
+        return (bits_of[level[layer] + step] - bits_of[level[layer]]) * problem.params[layer]
+
+    def downgrade_cost(layer: int) -> float:
+        lower, current = bits_of[level[layer] - 1], bits_of[level[layer]]
+        return problem.scores[layer] * (error_of(lower) - error_of(current)) / -step_bits(layer, -1)
+
+    used = sum(bits_of[lv] * p for lv, p in zip(level, problem.params, strict=True))
+    while used > problem.budget:
+        layer = min((layer for layer in range(len(level)) if level[layer] > 0), key=downgrade_cost)
+        used += step_bits(layer, -1)
+        level[layer] -= 1
+    while fitting := [
+        layer
+        for layer in range(len(level))
+        if level[layer] < top and used + step_bits(layer, 1) <= problem.budget
+    ]:
+        layer = max(fitting, key=lambda layer: problem.params[layer])
+        used += step_bits(layer, 1)
+        level[layer] += 1
+    return [bits_of[lv] for lv in level]
+
+
+def solve_uniform(
+    scores: Sequence[float],
+    params: Sequence[int],
+    candidates: Sequence[int],
+    target_avg: float,
+    error: ErrorModel | None = None,
+) -> list[int]:
+    """Every layer at `target_avg`, which must be one of the candidates (the W4A4 / W6A6 baselines)."""
+    problem = _problem(scores, params, candidates, target_avg, error)
+    if target_avg not in problem.candidates:
+        raise AllocationError(
+            f"uniform allocation needs target_avg={target_avg} among candidates {problem.candidates}"
+        )
+    return [int(target_avg)] * len(problem.scores)
+
+
+SOLVERS = {"ilp": solve_ilp, "greedy": solve_greedy, "uniform": solve_uniform}
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """A solved allocation and its report; `plan` is the `{layer: bits}` that quantization consumes."""
+
+    method: str
+    target_avg: float
+    candidates: tuple[int, ...]
+    names: tuple[str, ...]
+    bits: tuple[int, ...]
+    objective: float
+    average_bits: float
+    solve_seconds: float
+
+    @property
+    def plan(self) -> dict[str, int]:
+        return dict(zip(self.names, self.bits, strict=True))
+
+
+def allocate(
+    importance: Mapping[str, LayerImportance],
+    *,
+    method: str = "ilp",
+    target_avg: float,
+    candidates: Sequence[int],
+    error: str | ErrorModel = "pow2",
+) -> Allocation:
+    """Solve Eq. 6 for the layers of `importance`; the keywords are the config's `allocation.*` keys."""
+    if method not in SOLVERS:
+        raise AllocationError(f"unknown allocation method {method!r}; expected one of {', '.join(SOLVERS)}")
+    error = error_model(error)
+    scores = [layer.score for layer in importance.values()]
+    params = [layer.num_params for layer in importance.values()]
+    start = time.perf_counter()
+    bits = SOLVERS[method](scores, params, candidates, target_avg, error)
+    seconds = time.perf_counter() - start
+    return Allocation(
+        method=method,
+        target_avg=target_avg,
+        candidates=tuple(sorted(candidates)),
+        names=tuple(importance),
+        bits=tuple(bits),
+        objective=objective(scores, bits, error),
+        average_bits=average_bits(params, bits),
+        solve_seconds=seconds,
+    )
+
+
+def write_plan(allocation: Allocation, path: str | Path) -> Path:
+    """Write plan.json: the report (method, target, candidates, objective, average bits, time) and `bits`."""
+    path = Path(path)
+    report = {
+        "method": allocation.method,
+        "target_avg": allocation.target_avg,
+        "candidates": list(allocation.candidates),
+        "objective": allocation.objective,
+        "average_bits": allocation.average_bits,
+        "solve_seconds": allocation.solve_seconds,
+        "bits": allocation.plan,
+    }
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    return path
+
+
+def read_plan(path: str | Path) -> dict[str, int]:
+    """The `{layer: bits}` plan of a plan.json written by `write_plan`."""
+    return json.loads(Path(path).read_text())["bits"]
+
+
+def module_family(name: str) -> str:
+    """The SAM2 module family of a layer name, as grouped in the allocation chart."""
+    return next((family for family in FAMILIES if name.startswith(family + ".")), OTHER_FAMILY)
+
+
+def plot_allocation(
+    names: Sequence[str],
+    bits: Sequence[int],
+    scores: Sequence[float],
+    path: str | Path,
+    title: str | None = None,
+) -> Path:
+    """Figure-3-style chart: bit-width per layer in the given (network) order, coloured by module family,
+    with the importance scores on a log axis on top; written as a PNG without pyplot's global state."""
+    families = [module_family(name) for name in names]
+    colours = {family: f"C{i}" for i, family in enumerate(dict.fromkeys(families))}
+    positions = range(len(names))
+    figure = Figure(figsize=(max(8.0, 0.05 * len(names)), 4.0), layout="constrained")
+    axes = figure.add_subplot()
+    axes.bar(
+        positions, bits, width=1.0, color=[colours[family] for family in families], edgecolor="white", lw=0.2
+    )
+    for position in positions[1:]:
+        if families[position] != families[position - 1]:
+            axes.axvline(position - 0.5, color="black", lw=0.6)
+    axes.set(
+        xlim=(-0.5, len(names) - 0.5), ylim=(max(min(bits) - 1, 0), max(bits) + 0.5), yticks=sorted(set(bits))
+    )
+    axes.set(xlabel="layer (network order)", ylabel="bit-width", title=title)
+    importance_axes = axes.twinx()
+    (marks,) = importance_axes.plot(positions, scores, "k.", ms=3, label="importance $S_l$")
+    if min(scores) > 0:
+        importance_axes.set_yscale("log")
+    importance_axes.set_ylabel("importance $S_l$")
+    handles = [Patch(color=colour, label=family) for family, colour in colours.items()] + [marks]
+    figure.legend(handles=handles, loc="outside lower center", ncols=4, fontsize="small")
+    path = Path(path)
+    figure.savefig(path, dpi=150)
+    return path

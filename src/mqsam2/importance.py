@@ -1,0 +1,200 @@
+"""Weight-Activation Importance Score of Mix-QSAM2 (Eq. 2-4), streamed over calibration data by forward hooks.
+
+For a layer with weight W and calibration inputs X (N tokens x C_in channels), the channel norm is
+`A_j = sqrt(sum_n X[n, j]^2)` (Eq. 2) and the score is `S = mean_ij |W_ij| * A_j` (Eq. 3-4).
+A Conv2d is the Linear that acts on its unfolded patches: its input channels are the
+(input channel, kernel row, kernel column) positions, its tokens the (batch item, output position) pairs.
+Only per-channel sums of squares are kept, in float64, so calibration activations are never stored and the
+result does not depend on how the data is batched; under `torch.distributed` the sums are all-reduced, so
+every rank scores the union of the data.
+"""
+
+import json
+from collections.abc import Iterable, Mapping
+from functools import partial
+from pathlib import Path
+from types import TracebackType
+from typing import Any, NamedTuple, Self
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+QUANTIZABLE = (nn.Linear, nn.Conv2d)
+
+
+class LayerImportance(NamedTuple):
+    """Score S_l of Eq. 4 and the parameter count p_l of Eq. 6.
+
+    `num_params` counts weight elements only: the weights are what a bit-width plan quantizes, and a bias is a
+    rounding error next to them.
+    """
+
+    score: float
+    num_params: int
+
+
+def sum_of_squares(x: Tensor, channel_dim: int = -1) -> Tensor:
+    """Per-channel sum of squares of x over every other dimension, in float64."""
+    x = x.detach().double().movedim(channel_dim, -1)
+    return x.square().reshape(-1, x.shape[-1]).sum(0)
+
+
+def channel_norms(x: Tensor, channel_dim: int = -1) -> Tensor:
+    """Eq. 2: the L2 norm of each input channel over all tokens (every dimension but `channel_dim`)."""
+    return sum_of_squares(x, channel_dim).sqrt()
+
+
+def patch_sum_of_squares(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """Sum of squares of the conv's unfolded input per (input channel, kernel row, kernel column), in float64.
+
+    Equals `F.unfold(x_padded, ...)` squared and summed over batch and output positions, but sums strided
+    views of the squared padded input instead of materialising the kh*kw times larger unfolded tensor.
+    """
+    x = x.detach().double()
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    squares = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode).square().sum(0)
+    kernel_h, kernel_w = conv.kernel_size
+    stride_h, stride_w = conv.stride
+    dilation_h, dilation_w = conv.dilation
+    out_h = (squares.shape[1] - dilation_h * (kernel_h - 1) - 1) // stride_h + 1
+    out_w = (squares.shape[2] - dilation_w * (kernel_w - 1) - 1) // stride_w + 1
+    sums = squares.new_empty(squares.shape[0], kernel_h, kernel_w)
+    for u in range(kernel_h):
+        for v in range(kernel_w):
+            top, left = u * dilation_h, v * dilation_w
+            window = squares[
+                :,
+                top : top + stride_h * (out_h - 1) + 1 : stride_h,
+                left : left + stride_w * (out_w - 1) + 1 : stride_w,
+            ]
+            sums[:, u, v] = window.sum((1, 2))
+    return sums
+
+
+def weight_activation_score(weight: Tensor, channel_norms: Tensor) -> float:
+    """Eq. 3-4: the mean over the weight's elements of |W_ij| * A_j.
+
+    `channel_norms` has shape (C_in,) for a Linear weight (C_out, C_in) and (C_in, kh, kw) for a Conv2d weight
+    (C_out, C_in / groups, kh, kw); the group count follows from the two shapes, and an output channel of
+    group g reads the input channels of group g only.
+    """
+    if weight.shape[2:] != channel_norms.shape[1:] or channel_norms.shape[0] % weight.shape[1]:
+        raise ValueError(
+            f"channel norms of shape {tuple(channel_norms.shape)} do not fit weight {tuple(weight.shape)}"
+        )
+    groups = channel_norms.shape[0] // weight.shape[1]
+    if weight.shape[0] % groups:
+        raise ValueError(f"{weight.shape[0]} output channels do not split into {groups} groups")
+    magnitudes = weight.detach().double().abs().reshape(groups, weight.shape[0] // groups, -1)
+    norms = channel_norms.to(device=weight.device, dtype=torch.float64).reshape(groups, 1, -1)
+    return (magnitudes * norms).sum().item() / weight.numel()
+
+
+def _input_shape(layer: nn.Module) -> tuple[int, ...]:
+    """Shape of the channel norms of a layer: (C_in,) for a Linear, (C_in, kh, kw) for a Conv2d."""
+    if isinstance(layer, nn.Conv2d):
+        return (layer.in_channels, *layer.kernel_size)
+    return (layer.in_features,)
+
+
+class ImportanceCollector:
+    """Hooks layers, streams the sums of squares of their inputs through any forward passes, and scores them.
+
+    Hooks every nn.Linear and nn.Conv2d of `model` (subclasses included) or the layers named in `layer_names`:
+
+        with ImportanceCollector(model) as collector:
+            run_calibration(model)
+        importance = collector.compute()  # {name: LayerImportance}, in `model.named_modules()` order
+    """
+
+    def __init__(self, model: nn.Module, layer_names: Iterable[str] | None = None) -> None:
+        modules = dict(model.named_modules())
+        if layer_names is None:
+            self.layers = {name: m for name, m in modules.items() if isinstance(m, QUANTIZABLE)}
+        else:
+            wanted = set(layer_names)
+            unknown = sorted(name for name in wanted if not isinstance(modules.get(name), QUANTIZABLE))
+            if unknown:
+                raise ValueError(f"not an nn.Linear or nn.Conv2d of the model: {', '.join(unknown)}")
+            self.layers = {name: m for name, m in modules.items() if name in wanted}
+        if not self.layers:
+            raise ValueError("no nn.Linear or nn.Conv2d layer to hook")
+        self._sums: dict[str, Tensor] = {}
+        self._calls: dict[str, int] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> Self:
+        # Buffers made under torch.inference_mode would refuse compute()'s in-place all-reduce outside it.
+        with torch.inference_mode(False):
+            self._sums = {
+                name: torch.zeros(_input_shape(layer), dtype=torch.float64, device=layer.weight.device)
+                for name, layer in self.layers.items()
+            }
+        self._calls = dict.fromkeys(self.layers, 0)
+        self._handles = [
+            layer.register_forward_pre_hook(partial(self._accumulate, name), with_kwargs=True)
+            for name, layer in self.layers.items()
+        ]
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _accumulate(self, name: str, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        x = args[0] if args else kwargs["input"]
+        with torch.no_grad():
+            if isinstance(layer, nn.Conv2d):
+                self._sums[name] += patch_sum_of_squares(x, layer)
+            else:
+                self._sums[name] += sum_of_squares(x)
+        self._calls[name] += 1
+
+    def compute(self) -> dict[str, LayerImportance]:
+        """Scores of all hooked layers; all-reduces the sums first when torch.distributed is initialised.
+
+        Every rank must call it (it is a collective then). Raises if a layer saw no input on any rank, since a
+        score of zero would silently send it to the lowest bit-width.
+        """
+        if not self._sums:
+            raise RuntimeError("compute() needs the collector to have been entered")
+        device = next(iter(self._sums.values())).device
+        names = list(self._sums)
+        flat = torch.cat(
+            [self._sums[name].flatten().to(device) for name in names]
+            + [torch.tensor([self._calls[name] for name in names], dtype=torch.float64, device=device)]
+        )
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flat)
+        sums = dict(
+            zip(names, flat[: -len(names)].split([self._sums[name].numel() for name in names]), strict=True)
+        )
+        unseen = [name for name, calls in zip(names, flat[-len(names) :].tolist(), strict=True) if calls == 0]
+        if unseen:
+            raise RuntimeError(f"no calibration input reached {len(unseen)} layer(s): {', '.join(unseen)}")
+        return {
+            name: LayerImportance(
+                score=weight_activation_score(layer.weight, sums[name].reshape(_input_shape(layer)).sqrt()),
+                num_params=layer.weight.numel(),
+            )
+            for name, layer in self.layers.items()
+        }
+
+
+def write_importance(importance: Mapping[str, LayerImportance], path: str | Path) -> Path:
+    """Write `{name: {"score", "num_params"}}` as JSON (the run directory's importance.json)."""
+    path = Path(path)
+    path.write_text(json.dumps({name: imp._asdict() for name, imp in importance.items()}, indent=1) + "\n")
+    return path
+
+
+def read_importance(path: str | Path) -> dict[str, LayerImportance]:
+    """Read what `write_importance` wrote, in the same layer order."""
+    return {name: LayerImportance(**entry) for name, entry in json.loads(Path(path).read_text()).items()}

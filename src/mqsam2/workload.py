@@ -1,0 +1,72 @@
+"""The forward passes every calibration stage runs: importance, observers and reconstruction all see SAM2
+exactly as deployed (frames through the image encoder; clips tracked from GT prompts through memory)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mqsam2.data import ImageSample, VideoClip
+from mqsam2.errors import MQSAM2Error
+from mqsam2.memory.predictor import Prompt, VideoPredictor
+
+
+def clip_prompts(clip: VideoClip, kind: str = "box") -> dict[int, Prompt]:
+    """Each object prompted on its first annotated frame where it is visible (the papers' protocol)."""
+    prompts = {}
+    for row, obj_id in enumerate(clip.obj_ids):
+        visible = clip.annotated & clip.masks[row].flatten(1).any(dim=1)
+        if visible.any():
+            frame = int(visible.nonzero()[0])
+            prompts[obj_id] = Prompt.from_mask(frame, clip.masks[row, frame], kind)
+    if not prompts:
+        raise MQSAM2Error(f"video {clip.video_id} has no prompt on any frame: no object is visible in its annotations")
+    return prompts
+
+
+@dataclass
+class Workload:
+    """Calibration data plus how to push it through a model; `shard` splits it across DDP ranks."""
+
+    videos: Sequence[VideoClip]
+    images: Sequence[ImageSample]
+    prompt: str = "box"
+    encoder_batch: int = 4
+
+    def shard(self, rank: int, world_size: int) -> Workload:
+        if world_size > 1 and self.videos and len(self.videos) < world_size:
+            raise MQSAM2Error(
+                f"{len(self.videos)} calibration videos cannot be split over {world_size} ranks: "
+                "raise data.calib_videos to at least the number of GPUs"
+            )
+        return Workload(
+            self.videos[rank::world_size], self.images[rank::world_size], self.prompt, self.encoder_batch
+        )
+
+    def all_frames(self) -> torch.Tensor:
+        return torch.cat([c.frames for c in self.videos] + [s.image[None] for s in self.images])
+
+    @torch.inference_mode()
+    def run_encoder(self, model: torch.nn.Module, frames: torch.Tensor | None = None) -> None:
+        """Frames (default: every calibration frame and image) through the image encoder (trunk + neck)."""
+        device = next(model.parameters()).device
+        frames = self.all_frames() if frames is None else frames
+        for start in range(0, len(frames), self.encoder_batch):
+            model.forward_image(frames[start : start + self.encoder_batch].to(device))
+
+    @torch.inference_mode()
+    def run_full(self, model: VideoPredictor) -> None:
+        """Every clip tracked from its prompts (memory attention, memory encoder and mask decoder see their
+        deployment inputs), and every image through the encoder."""
+        for clip in self.videos:
+            model.track_clip(clip.frames, clip.orig_size, clip_prompts(clip, self.prompt))
+        if self.images:
+            self.run_encoder(model, torch.stack([s.image for s in self.images]))
+
+    def run(self, model: VideoPredictor, encoder_only: bool = False) -> None:
+        if encoder_only:
+            self.run_encoder(model)
+        else:
+            self.run_full(model)

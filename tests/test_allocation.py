@@ -1,0 +1,214 @@
+"""Bit allocation (Eq. 6): the ILP against brute-force enumeration, the greedy against hand-traced runs of
+method.md §4, bad input, solver failures, and the plan / chart outputs."""
+
+import itertools
+import json
+import math
+import random
+
+import pulp
+import pytest
+
+import mqsam2.allocation as allocation
+from mqsam2.allocation import (
+    AllocationError,
+    SolverError,
+    allocate,
+    module_family,
+    plot_allocation,
+    read_plan,
+    solve_greedy,
+    solve_ilp,
+    solve_uniform,
+    write_plan,
+)
+from mqsam2.importance import LayerImportance
+
+# Evenly spaced sets get the ILP's symmetry-breaking pairs, the uneven ones do not.
+CANDIDATE_SETS = [(3, 4, 5), (4, 5, 6, 7, 8), (2, 3, 4, 5, 6, 7, 8), (2, 8), (2, 3, 5, 8)]
+
+
+def brute_force(scores, params, candidates, target_avg, error=lambda b: 2.0**-b):
+    """Smallest objective over all assignments within the budget (exact: targets and averages are dyadic)."""
+    feasible = (
+        math.fsum(s * error(b) for s, b in zip(scores, bits, strict=True))
+        for bits in itertools.product(candidates, repeat=len(scores))
+        if sum(b * p for b, p in zip(bits, params, strict=True)) <= target_avg * sum(params)
+    )
+    return min(feasible)
+
+
+def random_instance(rng: random.Random):
+    """Instances small enough to enumerate, with many layers of equal size and many equal scores (ties).
+    The parameter total is a power of two, so every achievable average and every target below is an exact
+    float: tight budgets are exactly tight."""
+    candidates = rng.choice(CANDIDATE_SETS)
+    layers = rng.randint(1, 6 if len(candidates) <= 3 else 4)
+    params = [rng.choice([1, 2, 2, 4, 4, 8]) for _ in range(layers - 1)]
+    total = 2 ** (sum(params) + 1).bit_length()
+    params.append(total - sum(params))
+    scores = [rng.choice([0.0, 0.25, 1.0, 1.0, 3.0, 7.5]) for _ in range(layers)]
+    budget_kind = rng.choice(["tight", "loose", "lowest", "highest"])
+    if budget_kind == "tight":  # the exact average of some assignment
+        bits = [rng.choice(candidates) for _ in range(layers)]
+        target = sum(b * p for b, p in zip(bits, params, strict=True)) / total
+    elif budget_kind == "loose":
+        target = rng.randint(8 * min(candidates), 8 * max(candidates)) / 8
+    else:
+        target = float(min(candidates) if budget_kind == "lowest" else max(candidates))
+    return scores, params, candidates, target
+
+
+def is_feasible(bits, params, candidates, target_avg):
+    used = sum(b * p for b, p in zip(bits, params, strict=True))
+    return set(bits) <= set(candidates) and used <= target_avg * sum(params)
+
+
+def test_ilp_equals_brute_force_on_random_instances():
+    rng = random.Random(0)
+    for _ in range(60):
+        scores, params, candidates, target = random_instance(rng)
+        bits = solve_ilp(scores, params, candidates, target)
+        assert is_feasible(bits, params, candidates, target)
+        assert allocation.objective(scores, bits) == pytest.approx(
+            brute_force(scores, params, candidates, target), rel=1e-9, abs=1e-12
+        )
+
+
+@pytest.mark.parametrize(
+    "error",
+    [lambda b: 10.0 - b, lambda b: 100.0 - b * b],
+    ids=["linear: convex, equal decrements", "concave: no symmetry-breaking pairs"],
+)
+def test_ilp_equals_brute_force_with_a_pluggable_error_model(error):
+    rng = random.Random(1)
+    for _ in range(25):
+        scores, params, candidates, target = random_instance(rng)
+        bits = solve_ilp(scores, params, candidates, target, error=error)
+        assert allocation.objective(scores, bits, error) == pytest.approx(
+            brute_force(scores, params, candidates, target, error), rel=1e-9
+        )
+
+
+def test_ilp_with_a_single_candidate():
+    assert solve_ilp([1.0, 2.0], [3, 4], [4], 4) == [4, 4]
+
+
+def test_greedy_is_feasible_and_never_better_than_the_ilp():
+    rng = random.Random(2)
+    for _ in range(40):
+        candidates = rng.choice(CANDIDATE_SETS)
+        layers = rng.randint(1, 40)
+        scores = [rng.lognormvariate(0, 2) for _ in range(layers)]
+        params = [rng.randint(1, 10**6) for _ in range(layers)]
+        target = rng.uniform(min(candidates), max(candidates))
+        greedy = solve_greedy(scores, params, candidates, target)
+        exact = solve_ilp(scores, params, candidates, target)
+        assert is_feasible(greedy, params, candidates, target)
+        assert allocation.objective(scores, greedy) >= allocation.objective(scores, exact) * (1 - 1e-9)
+
+
+def test_greedy_downgrades_the_cheapest_layer_per_freed_bit():
+    # Start (4 layers into 3 groups of 2, 1, 1): [5, 5, 4, 3] = 17 bits, budget 3.5 * 4 = 14. Cost per freed
+    # bit S * (E(b-1) - E(b)): layer 2 (4->3) 2/16 < layer 1 5/32 < layer 0 9/32, so layer 2 then layer 1
+    # (5->4); then layer 0 (9/32) beats layer 1 again (4->3, 5/16): [4, 4, 3, 3] = 14 bits, and nothing fits.
+    assert solve_greedy([9, 5, 2, 1], [1, 1, 1, 1], [3, 4, 5], 3.5) == [4, 4, 3, 3]
+
+
+def test_greedy_upgrades_the_largest_layer_that_fits():
+    # Start [5, 4, 3] = 5 + 4 + 18 = 27 bits of a budget of 32: layer 2 (6 params) cannot go up, layer 1 can.
+    assert solve_greedy([3, 2, 1], [1, 1, 6], [3, 4, 5], 4) == [5, 5, 3]
+    # Start [5, 4, 3] = 5 + 8 + 9 = 22 bits of floor(4.17 * 6) = 25: layer 1 (+2) and layer 2 (+3) both
+    # fit; the larger, layer 2, goes up although layer 1 is more important, and then the budget is spent.
+    assert solve_greedy([3, 2, 1], [1, 2, 3], [3, 4, 5], 4.17) == [5, 4, 4]
+
+
+def test_uniform_gives_every_layer_the_target():
+    assert solve_uniform([1.0, 2.0], [3, 4], [3, 4, 5], 4) == [4, 4]
+    with pytest.raises(AllocationError, match="among candidates"):
+        solve_uniform([1.0], [3], [3, 5], 4)
+
+
+@pytest.mark.parametrize("solve", [solve_ilp, solve_greedy, solve_uniform])
+@pytest.mark.parametrize(
+    ("scores", "params", "candidates", "target", "message"),
+    [
+        ([1.0], [10], [3, 4, 5], 2.5, r"target_avg=2.5 is outside the feasible range \[3, 5\]"),
+        ([1.0], [10], [3, 4, 5], 6, r"target_avg=6 is outside the feasible range \[3, 5\]"),
+        ([1.0], [10], [3, 4, 5], math.nan, "outside the feasible range"),
+        ([1.0], [10], [], 4, "no candidate bit-widths"),
+        ([1.0], [10], [4, 4, 5], 4, "duplicate candidate"),
+        ([1.0], [10], [0, 4], 4, "positive integers"),
+        ([1.0], [10], [3.5, 4], 4, "positive integers"),
+        ([math.nan], [10], [3, 4, 5], 4, "score of layer 0 is nan"),
+        ([1.0, -0.5], [10, 10], [3, 4, 5], 4, "score of layer 1 is -0.5"),
+        ([1.0], [0], [3, 4, 5], 4, "parameter count of layer 0 is 0"),
+        ([1.0, 2.0], [10], [3, 4, 5], 4, "2 scores but 1 parameter counts"),
+        ([], [], [3, 4, 5], 4, "no layers"),
+    ],
+)
+def test_bad_input_is_one_line_error(solve, scores, params, candidates, target, message):
+    with pytest.raises(AllocationError, match=message) as raised:
+        solve(scores, params, candidates, target)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("error", [lambda b: 2.0**b, lambda b: math.nan, lambda b: 1.0])
+def test_error_model_must_fall_as_bits_grow(error):
+    with pytest.raises(AllocationError, match="error model"):
+        solve_ilp([1.0, 2.0], [5, 5], [3, 4, 5], 4, error=error)
+
+
+class _StopsEarly(pulp.LpSolver):
+    """What CBC reports when a limit stops it: status Optimal, but the solution only integer-feasible."""
+
+    def actualSolve(self, lp, **kwargs):
+        lp.assignStatus(pulp.LpStatusOptimal, pulp.LpSolutionIntegerFeasible)
+        return lp.status
+
+
+@pytest.mark.parametrize("solver", [_StopsEarly(), pulp.COIN_CMD(path="/nonexistent/cbc", msg=False)])
+def test_solver_failure_is_reported_not_replaced_by_the_greedy(monkeypatch, solver):
+    monkeypatch.setattr(allocation, "_CBC", solver)
+    with pytest.raises(SolverError):
+        solve_ilp([1.0, 2.0], [5, 5], [3, 4, 5], 4)
+
+
+def test_allocate_writes_a_plan_that_reads_back(tmp_path):
+    importance = {
+        "image_encoder.trunk.blocks.0.attn.qkv": LayerImportance(4.0, 300),
+        "memory_attention.layers.0.linear1": LayerImportance(1.0, 100),
+        "sam_mask_decoder.conv_s0": LayerImportance(0.5, 100),
+    }
+    result = allocate(importance, method="ilp", target_avg=4, candidates=[5, 3, 4], error="pow4")
+    assert result.candidates == (3, 4, 5)
+    assert result.plan == dict(zip(importance, result.bits, strict=True))
+    assert result.average_bits == pytest.approx(
+        sum(b * p.num_params for b, p in zip(result.bits, importance.values(), strict=True)) / 500
+    )
+    assert result.average_bits <= 4
+    assert result.objective == pytest.approx(
+        brute_force([4.0, 1.0, 0.5], [300, 100, 100], [3, 4, 5], 4, lambda b: 4.0**-b)
+    )
+    path = write_plan(result, tmp_path / "plan.json")
+    assert read_plan(path) == result.plan
+    assert json.loads(path.read_text())["method"] == "ilp"
+    assert allocate(importance, method="uniform", target_avg=4, candidates=[3, 4, 5]).bits == (4, 4, 4)
+    with pytest.raises(AllocationError, match="unknown allocation method"):
+        allocate(importance, method="dp", target_avg=4, candidates=[3, 4, 5])
+    with pytest.raises(AllocationError, match="unknown error model"):
+        allocate(importance, target_avg=4, candidates=[3, 4, 5], error="pow3")
+
+
+def test_module_families_follow_sam2_top_level_modules():
+    assert module_family("image_encoder.trunk.blocks.3.mlp.layers.0") == "image_encoder.trunk"
+    assert module_family("image_encoder.neck.convs.0.conv") == "image_encoder.neck"
+    assert module_family("memory_encoder.fuser.layers.0.dwconv") == "memory_encoder"
+    assert module_family("sam_mask_decoder.transformer.layers.0.self_attn.q_proj") == "sam_mask_decoder"
+    assert module_family("obj_ptr_proj.layers.0") == "other heads"
+
+
+def test_plot_allocation_writes_a_png(tmp_path):
+    names = ["image_encoder.trunk.a", "image_encoder.trunk.b", "memory_attention.c", "obj_ptr_proj.layers.0"]
+    path = plot_allocation(names, [5, 4, 3, 4], [2.0, 1.0, 0.1, 0.0], tmp_path / "allocation.png", title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
