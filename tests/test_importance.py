@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from mqsam2.errors import MQSAM2Error
 from mqsam2.importance import (
     ImportanceCollector,
     LayerImportance,
@@ -156,7 +157,7 @@ def test_layer_that_saw_no_input_is_an_error():
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
     with ImportanceCollector(model) as collector:
         model[0](torch.ones(1, 3))
-    with pytest.raises(RuntimeError, match="no calibration input reached 1 layer"):
+    with pytest.raises(MQSAM2Error, match="no calibration input reached 1 layer"):
         collector.compute()
 
 
@@ -180,7 +181,7 @@ def _rank_scores(rank: int, world: int, init_file: str, shards: list[torch.Tenso
                 spare(features)
     try:
         queue.put((rank, {name: layer.score for name, layer in collector.compute().items()}))
-    except RuntimeError as failure:  # hand it to the parent rather than leave it waiting
+    except MQSAM2Error as failure:  # hand it to the parent rather than leave it waiting
         queue.put((rank, repr(failure)))
     dist.destroy_process_group()
 

@@ -23,6 +23,7 @@ import pulp
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from mqsam2.errors import MQSAM2Error
 from mqsam2.importance import LayerImportance
 
 ErrorModel = Callable[[int], float]
@@ -51,11 +52,11 @@ _COST_SCALE = 1e6
 _CBC = pulp.COIN_CMD(path=pulp.PULP_CBC_CMD.pulp_cbc_path, msg=False, gapRel=0.0, gapAbs=0.0)
 
 
-class AllocationError(ValueError):
+class AllocationError(MQSAM2Error, ValueError):
     """Bad input to the allocation, reported in one line and never repaired."""
 
 
-class SolverError(RuntimeError):
+class SolverError(MQSAM2Error, RuntimeError):
     """The ILP solver failed or did not prove an optimum; there is deliberately no fallback to the greedy."""
 
 

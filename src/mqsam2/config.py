@@ -36,6 +36,7 @@ class DataConfig:
     calib_videos: int = 8
     calib_frames: int = 20
     calib_images: int = 32
+    calib_objects: int | None = None
     val_videos: int = 4
     val_frames: int = 24
     val_images: int = 8

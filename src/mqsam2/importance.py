@@ -21,6 +21,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mqsam2.errors import MQSAM2Error
+
 QUANTIZABLE = (nn.Linear, nn.Conv2d)
 
 
@@ -178,7 +180,10 @@ class ImportanceCollector:
         )
         unseen = [name for name, calls in zip(names, flat[-len(names) :].tolist(), strict=True) if calls == 0]
         if unseen:
-            raise RuntimeError(f"no calibration input reached {len(unseen)} layer(s): {', '.join(unseen)}")
+            raise MQSAM2Error(
+                f"no calibration input reached {len(unseen)} layer(s): {', '.join(unseen)}; add calibration data "
+                "that runs them (video clips for the memory modules, images for mask-prompt refinement)"
+            )
         return {
             name: LayerImportance(
                 score=weight_activation_score(layer.weight, sums[name].reshape(_input_shape(layer)).sqrt()),

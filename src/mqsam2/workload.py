@@ -3,6 +3,7 @@ exactly as deployed (frames through the image encoder; clips tracked from GT pro
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -13,16 +14,20 @@ from mqsam2.errors import MQSAM2Error
 from mqsam2.memory.predictor import Prompt, VideoPredictor
 
 
-def clip_prompts(clip: VideoClip, kind: str = "box") -> dict[int, Prompt]:
+def clip_prompts(clip: VideoClip, kind: str = "box", max_objects: int | None = None) -> dict[int, Prompt]:
     """Each object prompted on its first annotated frame where it is visible (the papers' protocol)."""
     prompts = {}
     for row, obj_id in enumerate(clip.obj_ids):
+        if max_objects is not None and len(prompts) == max_objects:
+            break
         visible = clip.annotated & clip.masks[row].flatten(1).any(dim=1)
         if visible.any():
             frame = int(visible.nonzero()[0])
             prompts[obj_id] = Prompt.from_mask(frame, clip.masks[row, frame], kind)
     if not prompts:
-        raise MQSAM2Error(f"video {clip.video_id} has no prompt on any frame: no object is visible in its annotations")
+        raise MQSAM2Error(
+            f"video {clip.video_id} has no prompt on any frame: no object is visible in its annotations"
+        )
     return prompts
 
 
@@ -33,6 +38,7 @@ class Workload:
     videos: Sequence[VideoClip]
     images: Sequence[ImageSample]
     prompt: str = "box"
+    max_objects: int | None = None
     encoder_batch: int = 4
 
     def shard(self, rank: int, world_size: int) -> Workload:
@@ -41,8 +47,8 @@ class Workload:
                 f"{len(self.videos)} calibration videos cannot be split over {world_size} ranks: "
                 "raise data.calib_videos to at least the number of GPUs"
             )
-        return Workload(
-            self.videos[rank::world_size], self.images[rank::world_size], self.prompt, self.encoder_batch
+        return dataclasses.replace(
+            self, videos=self.videos[rank::world_size], images=self.images[rank::world_size]
         )
 
     def all_frames(self) -> torch.Tensor:
@@ -61,7 +67,7 @@ class Workload:
         """Every clip tracked from its prompts (memory attention, memory encoder and mask decoder see their
         deployment inputs), and every image through the encoder."""
         for clip in self.videos:
-            model.track_clip(clip.frames, clip.orig_size, clip_prompts(clip, self.prompt))
+            model.track_clip(clip.frames, clip.orig_size, clip_prompts(clip, self.prompt, self.max_objects))
         if self.images:
             self.run_encoder(model, torch.stack([s.image for s in self.images]))
 

@@ -24,8 +24,9 @@ from torch.utils.data import DataLoader
 
 from mqsam2.config import ReconstructionConfig
 from mqsam2.distributed import processes_per_node, rank_and_world
+from mqsam2.errors import MQSAM2Error
 from mqsam2.reconstruct.cache import UnitCache, capture_unit
-from mqsam2.reconstruct.module import UnitReconstruction
+from mqsam2.reconstruct.module import UnitReconstruction, unit_error
 from mqsam2.reconstruct.report import plot_loss_curve, read_metrics
 from mqsam2.reconstruct.rounding import BetaSchedule
 from mqsam2.reconstruct.units import Unit, reconstruction_units
@@ -97,6 +98,8 @@ class Reconstructor:
         run_dir: Path,
         loggers: Callable[[Path], list[Logger]] | None = None,
         seed: int = 0,
+        only: list[str] | None = None,
+        callbacks: list[L.Callback] | None = None,
     ):
         self.model = model
         self.float_model = float_model
@@ -104,9 +107,15 @@ class Reconstructor:
         self.run_dir = Path(run_dir)
         self.extra_loggers = loggers or (lambda _dir: [])
         self.seed = seed
+        self.callbacks = callbacks or []
         self.rank, self.world_size = rank_and_world()
         self.workload = workload.shard(self.rank, self.world_size)
         self.units = reconstruction_units(model, config.mode)
+        if only is not None:
+            unknown = sorted(set(only) - {unit.name for unit in self.units})
+            if unknown:
+                raise MQSAM2Error(f"no reconstruction unit named {', '.join(unknown)} in mode {config.mode}")
+            self.units = [unit for unit in self.units if unit.name in only]
 
     def run(self) -> None:
         plan = phases(self.config)
@@ -160,7 +169,7 @@ class Reconstructor:
             strategy=strategy,
             precision=config.precision,
             logger=loggers,
-            callbacks=[checkpoint],
+            callbacks=[checkpoint, *self.callbacks],
             default_root_dir=phase_dir,
             enable_model_summary=False,
             num_sanity_val_steps=0,
@@ -172,6 +181,7 @@ class Reconstructor:
     def fit_phase(self, unit: Unit, phase: Phase, cache: UnitCache) -> None:
         phase_dir = unit_dir(self.run_dir, unit.name) / phase.name
         phase_dir.mkdir(parents=True, exist_ok=True)
+        error_before = unit_error(unit, cache)
         if phase.learn_rounding:
             for layer in unit.layers.values():
                 layer.weight_quantizer.start_adaround(layer.weight)
@@ -197,7 +207,9 @@ class Reconstructor:
         attempt = f"attempt{len(list((phase_dir / 'logs').glob('attempt*')))}"
         trainer = self._trainer(phase_dir, phase.iters, attempt)
         start = time.perf_counter()
-        first_step = torch.load(resume, map_location="cpu", weights_only=False)["global_step"] if resume else 0
+        first_step = (
+            torch.load(resume, map_location="cpu", weights_only=False)["global_step"] if resume else 0
+        )
         if resume:
             log.info("  %s: resuming from %s (step %d)", phase.name, resume.name, first_step)
         trainer.fit(module, DataLoader(range(phase.iters), batch_size=None), ckpt_path=resume)
@@ -207,9 +219,14 @@ class Reconstructor:
             quantizer.enabled = True
         if self.rank == 0:
             _save_atomic(unit.module.state_dict(), unit_dir(self.run_dir, unit.name) / f"{phase.name}.pt")
-            self._report(unit, phase, phase_dir, phase.iters - first_step, seconds)
+            for stale in phase_dir.glob("*.ckpt"):
+                stale.unlink()
+            errors = {"error_before": error_before, "error_after": unit_error(unit, cache)}
+            self._report(unit, phase, phase_dir, phase.iters - first_step, seconds, errors)
 
-    def _report(self, unit: Unit, phase: Phase, phase_dir: Path, steps: int, seconds: float) -> None:
+    def _report(
+        self, unit: Unit, phase: Phase, phase_dir: Path, steps: int, seconds: float, errors: dict
+    ) -> None:
         metrics = read_metrics(phase_dir / "logs")
         plot_loss_curve(metrics, phase_dir.parent / f"{phase.name}_loss.png", f"{unit.name} ({phase.name})")
         record = {
@@ -222,6 +239,15 @@ class Reconstructor:
             "it_per_s": round(steps / seconds, 3) if seconds > 0 else None,
             "final_rec_loss": metrics["rec_loss"][-1][1] if metrics.get("rec_loss") else None,
             "world_size": self.world_size,
+            **errors,
         }
+        log.info(
+            "  %s: output error %.4g -> %.4g in %.1f s (%.1f it/s)",
+            phase.name,
+            errors["error_before"],
+            errors["error_after"],
+            seconds,
+            record["it_per_s"] or 0.0,
+        )
         with open(self.run_dir / "units.jsonl", "a") as stream:
             stream.write(json.dumps(record) + "\n")

@@ -18,11 +18,16 @@ from mqsam2.reconstruct.rounding import BetaSchedule, hardened_fraction, roundin
 from mqsam2.reconstruct.units import Unit
 
 
-def reconstruction_loss(outputs: list, targets: list, channels_first: bool) -> torch.Tensor:
-    """||f_q(x) - f(x)||^2 summed over channels, averaged over tokens, added over the unit's outputs."""
+def reconstruction_loss(
+    outputs: list, targets: list, channels_first: bool, require_grad: bool = True
+) -> torch.Tensor:
+    """||f_q(x) - f(x)||^2 summed over channels, averaged over tokens, added over the unit's outputs that
+    depend on what is learned (constant outputs such as positional encodings are left out)."""
     total = None
     for out, target in zip(outputs, targets, strict=True):
-        if not isinstance(out, torch.Tensor) or not out.is_floating_point() or not out.requires_grad:
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            continue
+        if require_grad and not out.requires_grad:
             continue
         diff = (out.float() - target.float()).pow(2)
         channel_dim = 1 if channels_first and diff.ndim >= 3 else -1
@@ -41,6 +46,23 @@ def mix_inputs(quant: list, float_: list, drop_prob: float) -> list:
             q = torch.where(torch.rand_like(q, dtype=torch.float32) < drop_prob, f, q)
         mixed.append(q)
     return mixed
+
+
+@torch.no_grad()
+def unit_error(unit: Unit, cache: UnitCache, batch_size: int = 8) -> float:
+    """The reconstruction loss over every cached sample, quantized inputs, no dropping: what the unit's
+    output error is in deployment (before reconstruction this is round-to-nearest's error)."""
+    total, count = 0.0, 0
+    for group in cache.groups:
+        for start in range(0, len(group), batch_size if cache.batchable else 1):
+            indices = group[start : start + (batch_size if cache.batchable else 1)]
+            batch = cache.batch(indices)
+            args, kwargs = batch.unflatten(batch.inputs_q)
+            outputs, _ = tree_flatten(unit.module(*args, **kwargs))
+            loss = reconstruction_loss(outputs, batch.targets, unit.channels_first, require_grad=False)
+            total += loss.item() * len(indices)
+            count += len(indices)
+    return total / count
 
 
 class UnitReconstruction(L.LightningModule):

@@ -1,0 +1,112 @@
+"""`python -m mqsam2.fit --config configs/<name>.yaml [--section.key value ...] [--print_config]`
+
+Runs the whole Mix-QSAM2 pipeline into runs/<name>/ and resumes it when restarted. Several GPUs on one node
+are used through torchrun (started automatically); under srun or torchrun the launcher's processes are used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from mqsam2.config import FitConfig
+from mqsam2.distributed import launched_externally, rank_and_world, relaunch_with_torchrun, requested_devices
+from mqsam2.errors import MQSAM2Error
+
+log = logging.getLogger("mqsam2")
+
+
+def parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m mqsam2.fit", description=__doc__, default_env=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
+    parser.add_class_arguments(FitConfig, as_group=False)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> FitConfig:
+    cli = parser()
+    namespace = cli.parse_args(argv)
+    values = cli.instantiate(namespace)
+    return FitConfig(**{k: v for k, v in vars(values).items() if k in FitConfig.__dataclass_fields__})
+
+
+def setup_logging() -> None:
+    rank = rank_and_world()[0]
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s mqsam2 | %(message)s"
+        if rank == 0
+        else f"%(asctime)s mqsam2[rank {rank}] | %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+    )
+    for noisy in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def wandb_logger(config: FitConfig, run_dir: Path):
+    """One W&B run per run directory (its id is kept there, so restarts and requeues continue it); offline
+    unless an API key is configured."""
+    if not config.logging.wandb or os.environ.get("WANDB_MODE") == "disabled":
+        return None
+    from lightning.pytorch.loggers import WandbLogger
+
+    id_file = run_dir / "wandb_id.txt"
+    if not id_file.exists() and rank_and_world()[0] == 0:
+        import wandb.util
+
+        id_file.write_text(wandb.util.generate_id())
+    online = bool(os.environ.get("WANDB_API_KEY")) or os.environ.get("WANDB_MODE") == "online"
+    return WandbLogger(
+        project=config.logging.project,
+        entity=config.logging.entity,
+        name=config.name,
+        id=id_file.read_text().strip(),
+        save_dir=str(run_dir),
+        offline=not online,
+        resume="allow",
+    )
+
+
+def run(config: FitConfig) -> dict:
+    from mqsam2 import pipeline
+
+    start = time.perf_counter()
+    run_dir = pipeline.prepare_run_dir(config)
+    float_model = pipeline.load_float_model(config)
+    data = pipeline.load_data(config, float_model.image_size)
+    importance = pipeline.stage_importance(float_model, config, data.calibration, run_dir)
+    plan = pipeline.stage_allocation(importance, config, run_dir)
+    model = pipeline.stage_quantize(float_model, plan, config, data.calibration, run_dir)
+    wandb = wandb_logger(config, run_dir)
+    pipeline.stage_reconstruct(
+        model, float_model, config, data.calibration, run_dir, [wandb] if wandb else []
+    )
+    report = pipeline.summary(run_dir)
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    log.info("done in %.1f s: %s", report["seconds"], run_dir)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse_config(argv)
+        recon = config.reconstruction
+        nprocs = requested_devices(recon.accelerator, recon.devices)
+        if nprocs > 1 and not launched_externally():
+            relaunch_with_torchrun(nprocs, "mqsam2.fit")
+        setup_logging()
+        run(config)
+    except MQSAM2Error as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

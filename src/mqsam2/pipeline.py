@@ -1,0 +1,277 @@
+"""The fit pipeline's stages, in order; each reads its inputs, writes one artifact into the run directory and
+is skipped when that artifact exists, so a restarted run continues where it stopped.
+
+runs/<name>/: config.yaml, importance.json, plan.json, allocation.png, calibrated.pt, units/, units.jsonl,
+metrics.json, overlays/, export/
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from lightning.pytorch.loggers import Logger
+
+from mqsam2.allocation import allocate, plot_allocation, read_plan, write_plan
+from mqsam2.config import FitConfig
+from mqsam2.data import calibration_set, ensure_synth
+from mqsam2.distributed import rank_and_world
+from mqsam2.errors import MQSAM2Error
+from mqsam2.importance import ImportanceCollector, read_importance, write_importance
+from mqsam2.models import build_sam2
+from mqsam2.quant import calibration, quantizable_layers, quantize
+from mqsam2.reconstruct.driver import Reconstructor
+from mqsam2.workload import Workload
+
+log = logging.getLogger("mqsam2")
+
+# Sections whose change would make finished artifacts of a run directory wrong.
+RESULT_DEFINING = ("seed", "model", "data", "quant", "allocation", "reconstruction")
+RECONSTRUCTION_RUNTIME_KEYS = (
+    "accelerator",
+    "devices",
+    "strategy",
+    "checkpoint_every",
+    "check_finite_every",
+    "cache_device",
+    "compile",
+)
+
+
+def _identity(config: dict) -> dict:
+    identity = {key: config[key] for key in RESULT_DEFINING}
+    identity["reconstruction"] = {
+        k: v for k, v in identity["reconstruction"].items() if k not in RECONSTRUCTION_RUNTIME_KEYS
+    }
+    return identity
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            d
+            for key in sorted(old.keys() | new.keys())
+            for d in _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        ]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def config_dict(config: FitConfig) -> dict:
+    payload = dataclasses.asdict(config)
+    payload["quant"]["keep_fp"] = list(payload["quant"]["keep_fp"])
+    return payload
+
+
+def prepare_run_dir(config: FitConfig) -> Path:
+    """Create runs/<name>/ or reuse it; a directory made with a different result-defining config is refused."""
+    run_dir = Path(config.run_root) / config.name
+    current = config_dict(config)
+    saved_path = run_dir / "config.yaml"
+    if saved_path.exists():
+        saved = yaml.safe_load(saved_path.read_text())
+        changed = _differences(_identity(saved), _identity(current))
+        if changed:
+            raise MQSAM2Error(
+                f"run directory {run_dir} was made with another config ({'; '.join(changed[:3])}): "
+                "choose another --name, or delete the directory to start over"
+            )
+        log.info("resuming run %s", run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if rank_and_world()[0] == 0:
+        _write_atomic(saved_path, yaml.safe_dump(current, sort_keys=False))
+    return run_dir
+
+
+def load_float_model(config: FitConfig) -> torch.nn.Module:
+    model = config.model
+    device = (
+        "cuda"
+        if torch.cuda.is_available() and config.reconstruction.accelerator in ("auto", "gpu", "cuda")
+        else "cpu"
+    )
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return build_sam2(
+        model.size,
+        model.checkpoint,
+        model.image_size,
+        video=True,
+        seed=model.seed,
+        version=model.version,
+        device=device,
+    )
+
+
+@dataclass
+class Datasets:
+    calibration: Workload
+    val_videos: list
+    val_images: list
+
+
+def load_data(config: FitConfig, image_size: int) -> Datasets:
+    """Calibration (and validation) sets from the configured shards, or from synthetic shards made on demand."""
+    data = config.data
+    video_shards, image_shards = data.video_shards, data.image_shards
+    val_videos, val_images = data.val_video_shards, data.val_image_shards
+    if video_shards is None and image_shards is None:
+        synth = ensure_synth(
+            data.root,
+            data.synth_videos,
+            data.synth_frames,
+            data.synth_size,
+            data.seed,
+            images=data.synth_images,
+        )
+        video_shards, image_shards = synth.videos, synth.images
+        held_out = ensure_synth(
+            data.root,
+            data.val_videos,
+            data.val_frames,
+            data.synth_size,
+            data.seed + 1,
+            images=data.val_images,
+        )
+        val_videos, val_images = held_out.videos, held_out.images
+    calib = calibration_set(
+        video_shards,
+        image_shards,
+        data.calib_videos,
+        data.calib_frames,
+        data.calib_images,
+        image_size,
+        data.seed,
+    )
+    val = (
+        calibration_set(
+            val_videos, val_images, data.val_videos, data.val_frames, data.val_images, image_size, data.seed
+        )
+        if val_videos or val_images
+        else None
+    )
+    log.info(
+        "data: calibration %d videos x %d frames + %d images; validation %d videos + %d images",
+        len(calib.videos),
+        data.calib_frames,
+        len(calib.images),
+        len(val.videos) if val else 0,
+        len(val.images) if val else 0,
+    )
+    return Datasets(
+        Workload(calib.videos, calib.images, prompt=data.prompt, max_objects=data.calib_objects),
+        val.videos if val else [],
+        val.images if val else [],
+    )
+
+
+def stage_importance(model: torch.nn.Module, config: FitConfig, workload: Workload, run_dir: Path) -> dict:
+    """Eq. 2-4 on every layer that will be quantized, streamed over the calibration set."""
+    path = run_dir / "importance.json"
+    if path.exists():
+        log.info("importance: reusing %s", path)
+        return read_importance(path)
+    layers = quantizable_layers(model, config.quant.keep_fp)
+    with ImportanceCollector(model, layers) as collector:
+        workload.run_full(model)
+    importance = collector.compute()
+    if rank_and_world()[0] == 0:
+        write_importance(importance, path)
+    log.info("importance: scored %d layers -> %s", len(importance), path)
+    return importance
+
+
+def stage_allocation(importance: dict, config: FitConfig, run_dir: Path) -> dict[str, int]:
+    """Eq. 6 as configured; writes plan.json and the Figure-3-style allocation.png."""
+    path = run_dir / "plan.json"
+    if path.exists():
+        log.info("allocation: reusing %s", path)
+        return read_plan(path)
+    cfg = config.allocation
+    allocation = allocate(
+        importance, method=cfg.method, target_avg=cfg.target_avg, candidates=cfg.candidates, error=cfg.error
+    )
+    if rank_and_world()[0] == 0:
+        plot_allocation(
+            list(allocation.names),
+            list(allocation.bits),
+            [importance[n].score for n in allocation.names],
+            run_dir / "allocation.png",
+            title=f"{config.name}: {cfg.method}, target {cfg.target_avg} bits",
+        )
+        write_plan(allocation, path)
+    histogram = {b: allocation.bits.count(b) for b in sorted(set(allocation.bits))}
+    log.info(
+        "allocation: %s -> %.3f average bits (objective %.4g, %.2f s), layers per width %s",
+        cfg.method,
+        allocation.average_bits,
+        allocation.objective,
+        allocation.solve_seconds,
+        histogram,
+    )
+    return allocation.plan
+
+
+def stage_quantize(
+    float_model: torch.nn.Module, plan: dict[str, int], config: FitConfig, workload: Workload, run_dir: Path
+) -> torch.nn.Module:
+    """Swap in quantized modules with the plan's widths, then initialise every quantizer with the observers."""
+    model = copy.deepcopy(float_model)
+    quant_config = dataclasses.replace(config.quant, plan=plan)
+    quantize(model, quant_config)
+    path = run_dir / "calibrated.pt"
+    if path.exists():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        log.info("quantize: reusing calibrated quantizers from %s", path)
+        return model
+    with calibration(model, quant_config):
+        workload.run_full(model)
+    if rank_and_world()[0] == 0:
+        tmp = path.with_suffix(".tmp")
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(path)
+    log.info(
+        "quantize: %d layers, weights %s / activations %s observers -> %s",
+        len(plan),
+        config.quant.weight_observer,
+        config.quant.act_observer,
+        path,
+    )
+    return model
+
+
+def stage_reconstruct(
+    model: torch.nn.Module,
+    float_model: torch.nn.Module,
+    config: FitConfig,
+    workload: Workload,
+    run_dir: Path,
+    loggers: list[Logger],
+) -> None:
+    if config.reconstruction.mode == "none":
+        log.info("reconstruction: mode none (calibration only)")
+        return
+    reconstructor = Reconstructor(
+        model, float_model, workload, config.reconstruction, run_dir, lambda _dir: loggers, seed=config.seed
+    )
+    log.info("reconstruction: %s over %d units", config.reconstruction.mode, len(reconstructor.units))
+    reconstructor.run()
+
+
+def summary(run_dir: Path) -> dict:
+    units = []
+    if (run_dir / "units.jsonl").exists():
+        units = [json.loads(line) for line in (run_dir / "units.jsonl").read_text().splitlines() if line]
+    return {"run_dir": str(run_dir), "units": units}
