@@ -204,10 +204,23 @@ def segm_stats(gt: COCO, results: list[dict]) -> dict[str, float]:
 
 
 def mask_map(
-    model: SAM2Base, samples: Sequence, detections: str | Path | Iterable[dict] | None = None
+    model: SAM2Base,
+    samples: Sequence,
+    detections: str | Path | Iterable[dict] | None = None,
+    reference: SAM2Base | None = None,
 ) -> dict[str, float]:
-    """COCO segm stats of a (quantized) SAM2 on images, prompted by their GT boxes or by `detections`."""
-    predictor = TensorImagePredictor(model)
+    """COCO segm stats of a (quantized) SAM2 on images prompted by their GT boxes or by `detections`.
+
+    Scored against the labels, or with `reference` (the FP model) against its masks for the same prompts
+    (fidelity: no labels needed beyond the prompts).
+    """
+    if not samples:
+        raise MQSAM2Error("no images to evaluate: the image set is empty")
     dets = None if detections is None else load_detections(detections)
-    gt = coco_ground_truth(samples)
+    if reference is None:
+        gt = coco_ground_truth(samples)
+    else:
+        reference_predictor = TensorImagePredictor(reference)
+        gt = coco_ground_truth([predict_instances(reference_predictor, s, dets) for s in samples])
+    predictor = TensorImagePredictor(model)
     return segm_stats(gt, coco_results(predict_instances(predictor, s, dets) for s in samples))
