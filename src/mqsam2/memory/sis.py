@@ -105,7 +105,8 @@ class MemoryBank:
             new_features, selected, _ = synthesize(stacked, self.k, self.tau, self.similarity)
             chosen = set(selected.tolist())
             merged = sorted(f for i in chosen for f in self.entries[i].frames)
-            fused = MemoryEntry(new_features[0], self.entries[-1].pos_enc, tuple(merged))
+            # clone: a view would keep the whole stacked bank alive
+            fused = MemoryEntry(new_features[0].clone(), self.entries[-1].pos_enc, tuple(merged))
             self.entries = [fused] + [e for i, e in enumerate(self.entries) if i not in chosen]
 
     def clear(self) -> None:
