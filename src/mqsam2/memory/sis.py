@@ -109,9 +109,6 @@ class MemoryBank:
             fused = MemoryEntry(new_features[0].clone(), self.entries[-1].pos_enc, tuple(merged))
             self.entries = [fused] + [e for i, e in enumerate(self.entries) if i not in chosen]
 
-    def clear(self) -> None:
-        self.entries.clear()
-
 
 @dataclass(frozen=True)
 class SISOptions:
@@ -135,7 +132,7 @@ class _Stream:
     """A bank plus the frame it last prepared, to tell a continuing propagation from a new one."""
 
     bank: MemoryBank
-    frame: int | None = None
+    frame: int
 
 
 class _PointersOnly(Mapping):
@@ -246,21 +243,19 @@ class SISVideoPredictor(VideoPredictor):
             )
 
     def _updated_bank(self, output_dict: dict, frame_idx: int, step: int) -> MemoryBank:
-        """Add the memory of the frame prepared last; a new propagation (not a continuation) starts empty."""
+        """Add the memory of the frame prepared last; a new propagation (not a continuation) starts a new bank."""
         streams = output_dict.setdefault(_STREAMS_KEY, {})
         stream = streams.get(step)
-        if stream is None:
-            stream = streams[step] = _Stream(self.memory_options.new_bank())
-        previous, stream.frame = stream.frame, frame_idx
         cond = output_dict["cond_frame_outputs"]
         continues = (
-            previous is not None
-            and (frame_idx - previous) * step > 0
-            and all(t in cond for t in range(previous + step, frame_idx, step))
+            stream is not None
+            and (frame_idx - stream.frame) * step > 0
+            and all(t in cond for t in range(stream.frame + step, frame_idx, step))
         )
         if not continues:
-            stream.bank.clear()
-            return stream.bank
+            streams[step] = _Stream(self.memory_options.new_bank(), frame_idx)
+            return streams[step].bank
+        previous, stream.frame = stream.frame, frame_idx
         out = output_dict["non_cond_frame_outputs"].get(previous)
         if out is not None and out["maskmem_features"] is not None:
             stream.bank.add(MemoryEntry(out["maskmem_features"], out["maskmem_pos_enc"][-1], (previous,)))
