@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from mqsam2.callbacks import EvaluationCallback
 from mqsam2.errors import MQSAM2Error
-from mqsam2.evaluate import evaluate_images, evaluate_video
+from mqsam2.evaluate import evaluate_images, evaluate_video, evaluate_video_grid
 from mqsam2.memory import SISVideoPredictor, VideoPredictor
 from mqsam2.models import build_sam2
 
@@ -71,6 +71,22 @@ def test_fidelity_against_itself_is_perfect_and_against_another_model_is_not(mod
     assert evaluate_video(model, clips, reference=model) == {"J": 1.0, "F": 1.0, "J&F": 1.0, "objects": 4}
     damaged = evaluate_video(other_model, clips, reference=model)
     assert damaged["J&F"] < 1
+
+
+def test_grid_has_a_row_per_model_and_policy(model, other_model):
+    clips = [make_clip(num_frames=4, seed=3)]
+    rows = evaluate_video_grid({"FP": model, "damaged": other_model}, clips, fp_model=model)
+    assert [(r["model"], r["memory"]) for r in rows] == [
+        ("FP", "fifo"),
+        ("damaged", "fifo"),
+        ("FP", "sis"),
+        ("damaged", "sis"),
+    ]
+    assert rows[0]["fidelity/J&F"] == rows[2]["fidelity/J&F"] == 1.0 and rows[1]["fidelity/J&F"] < 1
+    assert rows[1]["J&F"] == evaluate_video(other_model, clips)["J&F"]
+    # 4 frames never overflow the bank, so SIS equals the stock memory here.
+    assert rows[1]["J&F"] == rows[3]["J&F"] and rows[1]["fidelity/J&F"] == rows[3]["fidelity/J&F"]
+    assert type(model) is type(other_model) is VideoPredictor
 
 
 def test_bad_video_input_gives_clear_errors(model):

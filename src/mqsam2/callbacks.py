@@ -23,8 +23,8 @@ class EvaluationCallback(L.Callback):
 
     Logs `val/J`, `val/F`, `val/J&F` against labels and `val/mAP` (+ mAP50, mAP75), and, when the module has an
     `fp_model`, the same against the FP model's own masks as `val/fidelity/...`. `memory_policy` (e.g. "sis")
-    is applied to both models for the evaluation, so fidelity isolates quantization damage under that policy;
-    None keeps each model's own. Clips are split across ranks (J&F syncs under DDP); images are scored on
+    is applied to both models for the evaluation with `memory_options` (its defaults when empty), so fidelity
+    isolates quantization damage under that policy; None keeps each model's own. Clips are split across ranks (J&F syncs under DDP); images are scored on
     every rank. The first `overlays` clips are drawn (GT / FP / quantized) into `<log_dir>/overlays/`, and
     sent to W&B when a WandbLogger is active.
     """
@@ -47,8 +47,8 @@ class EvaluationCallback(L.Callback):
             )
         self.clips, self.images = list(clips), list(images)
         self.prompts = [clip_prompts(clip, prompt) for clip in self.clips]
-        self.labelled = any(
-            bool((clip.annotated.bool() & (torch.arange(len(clip.frames)) > p.frame)).any())
+        self.labelled = any(  # any annotated frame after a prompt: label-free clips only give fidelity
+            bool(clip.annotated[p.frame + 1 :].any())
             for clip, prompts in zip(self.clips, self.prompts, strict=True)
             for p in prompts.values()
         )
@@ -68,7 +68,7 @@ class EvaluationCallback(L.Callback):
             if fp_model is not None:
                 metrics |= {f"val/fidelity/{k}": v for k, v in self._image_stats(model, fp_model).items()}
         for name, value in metrics.items():
-            pl_module.log(name, value)
+            pl_module.log(name, value, sync_dist=True)  # equal on every rank already; keeps DDP logging quiet
 
     def _image_stats(self, model, reference=None) -> dict[str, float]:
         stats = mask_map(model, self.images, self.detections, reference=reference)

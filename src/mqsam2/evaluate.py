@@ -9,7 +9,7 @@ prompt frame, where the reference has a mask on each.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +18,7 @@ from sam2.modeling.sam2_base import SAM2Base
 from torch import Tensor
 
 from mqsam2.errors import MQSAM2Error
+from mqsam2.memory.policies import using_memory_policy
 from mqsam2.memory.predictor import Prompt, VideoPredictor
 from mqsam2.metrics.coco import mask_map
 from mqsam2.metrics.jandf import JandF
@@ -97,8 +98,19 @@ def score_tracks(
             metric.update(pred[row, frames], target[row, frames])
 
 
-def _as_floats(scores: dict[str, Tensor], objects: int) -> dict[str, float]:
-    return {**{k: float(v) for k, v in scores.items()}, "objects": objects}
+def _jandf(
+    preds: Sequence[Tensor],
+    targets: Sequence[Tensor],
+    clips: Sequence,
+    prompts: Sequence,
+    annotated_only: bool,
+) -> dict[str, float]:
+    metric = JandF()
+    for pred, target, clip, clip_prompt in zip(preds, targets, clips, prompts, strict=True):
+        score_tracks(metric, pred, target, clip, clip_prompt, annotated_only)
+    if not int(metric.tracks):
+        raise MQSAM2Error("no object has an evaluation frame after its prompt frame: nothing to score")
+    return {**{k: float(v) for k, v in metric.compute().items()}, "objects": int(metric.tracks)}
 
 
 def evaluate_video(
@@ -116,20 +128,55 @@ def evaluate_video(
         raise MQSAM2Error(
             f"reference masks cover {len(reference)} clips, expected one per clip ({len(clips)})"
         )
-    metric = JandF()
-    for i, clip in enumerate(clips):
-        prompts = clip_prompts(clip, prompt)
-        pred = track(predictor, clip, prompts)
-        if isinstance(reference, str):
-            target = clip.masks
-        elif isinstance(reference, VideoPredictor):
-            target = track(reference, clip, prompts)
-        else:
-            target = reference[i]
-        score_tracks(metric, pred, target, clip, prompts, annotated_only=isinstance(reference, str))
-    if not int(metric.tracks):
-        raise MQSAM2Error("no object has an evaluation frame after its prompt frame: nothing to score")
-    return _as_floats(metric.compute(), int(metric.tracks))
+    prompts = [clip_prompts(clip, prompt) for clip in clips]
+    preds = [track(predictor, clip, p) for clip, p in zip(clips, prompts, strict=True)]
+    if isinstance(reference, str):
+        targets = [clip.masks for clip in clips]
+    elif isinstance(reference, VideoPredictor):
+        targets = [track(reference, clip, p) for clip, p in zip(clips, prompts, strict=True)]
+    else:
+        targets = reference
+    return _jandf(preds, targets, clips, prompts, annotated_only=isinstance(reference, str))
+
+
+def evaluate_video_grid(
+    models: Mapping[str, VideoPredictor],
+    clips: Sequence,
+    fp_model: VideoPredictor | None = None,
+    policies: Sequence[str] = ("fifo", "sis"),
+    prompt: PromptKind = "box",
+) -> list[dict[str, float | str]]:
+    """One row per (model, memory policy): J, F, J&F against labels and, given `fp_model`, `fidelity/...` against it.
+
+    The demo's table (FP, W4A4, mixed precision x SIS off/on). Each model tracks once per policy; the FP
+    reference runs under the same policy as the rows it scores, so fidelity isolates quantization damage.
+    """
+    if not clips:
+        raise MQSAM2Error("no video clips to evaluate: the validation set is empty")
+    prompts = [clip_prompts(clip, prompt) for clip in clips]
+    labels = [clip.masks for clip in clips]
+    rows = []
+    for policy in policies:
+        references = None
+        if fp_model is not None:
+            with using_memory_policy(fp_model, policy):
+                references = [track(fp_model, clip, p) for clip, p in zip(clips, prompts, strict=True)]
+        for name, model in models.items():
+            if model is fp_model:
+                preds = references
+            else:
+                with using_memory_policy(model, policy):
+                    preds = [track(model, clip, p) for clip, p in zip(clips, prompts, strict=True)]
+            row = {
+                "model": name,
+                "memory": policy,
+                **_jandf(preds, labels, clips, prompts, annotated_only=True),
+            }
+            if references is not None:
+                fidelity = _jandf(preds, references, clips, prompts, annotated_only=False)
+                row |= {f"fidelity/{k}": v for k, v in fidelity.items() if k != "objects"}
+            rows.append(row)
+    return rows
 
 
 def evaluate_images(

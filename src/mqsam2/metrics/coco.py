@@ -38,7 +38,7 @@ STAT_NAMES = (
     "AR_small",
     "AR_medium",
     "AR_large",
-)  # fmt: skip  (COCOeval.stats order)
+)  # in COCOeval.stats order
 
 
 class TensorImagePredictor(SAM2ImagePredictor):
