@@ -65,9 +65,7 @@ def test_objects_are_prompted_on_first_visible_annotated_frame_and_scored_after_
 
 
 def test_fidelity_against_itself_is_perfect_and_against_another_model_is_not(model, other_model):
-    clips = [make_clip(num_frames=5, seed=s, video_id=f"c{s}") for s in (0, 1)]
-    vs_labels = evaluate_video(model, clips)
-    assert all(0 <= vs_labels[k] <= 1 for k in ("J", "F", "J&F")) and vs_labels["objects"] == 4
+    clips = [make_clip(num_frames=4, seed=s, video_id=f"c{s}") for s in (0, 1)]
     assert evaluate_video(model, clips, reference=model) == {"J": 1.0, "F": 1.0, "J&F": 1.0, "objects": 4}
     damaged = evaluate_video(other_model, clips, reference=model)
     assert damaged["J&F"] < 1
@@ -83,6 +81,7 @@ def test_grid_has_a_row_per_model_and_policy(model, other_model):
         ("damaged", "sis"),
     ]
     assert rows[0]["fidelity/J&F"] == rows[2]["fidelity/J&F"] == 1.0 and rows[1]["fidelity/J&F"] < 1
+    assert 0 <= rows[1]["J&F"] <= 1 and rows[1]["objects"] == 2
     assert rows[1]["J&F"] == evaluate_video(other_model, clips)["J&F"]
     # 4 frames never overflow the bank, so SIS equals the stock memory here.
     assert rows[1]["J&F"] == rows[3]["J&F"] and rows[1]["fidelity/J&F"] == rows[3]["fidelity/J&F"]

@@ -209,15 +209,15 @@ def test_sis_feeds_conditioning_frames_and_at_most_capacity_memories():
 
 
 def test_freeing_keeps_outputs_and_bounds_the_state():
-    clip = make_clip(num_frames=16, num_objects=1, seed=6)
-    window = 4  # a short object-pointer window, so a 16-frame clip reaches the bound
+    clip = make_clip(num_frames=12, num_objects=1, seed=6)
+    window = 3  # a short object-pointer window and a small bank, so a 12-frame clip reaches the bound
     runs = {}
     for free in (False, True):
         model = build_sam2(
             "t",
             image_size=EVAL_IMAGE_SIZE,
             memory_policy="sis",
-            memory_overrides={"max_obj_ptrs_in_encoder": window, "free_evicted": free},
+            memory_overrides={"max_obj_ptrs_in_encoder": window, "capacity": 3, "k": 2, "free_evicted": free},
         )
         state = model.init_state_from_frames(clip.frames, clip.orig_size)
         model.add_prompt(state, 1, Prompt.from_mask(0, clip.masks[0, 0]))
