@@ -14,18 +14,22 @@ import torch.multiprocessing as mp
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from sam2.sam2_image_predictor import SAM2ImagePredictor
 
 from mqsam2.errors import MQSAM2Error
 from mqsam2.metrics import (
     Instances,
     JandF,
+    TensorImagePredictor,
     boundary_f_measure,
     coco_ground_truth,
     coco_results,
+    load_detections,
     predict_instances,
     region_similarity,
     segm_stats,
 )
+from mqsam2.models import build_sam2
 
 # ---------------------------------------------------------------------------------- DAVIS, in plain numpy
 
@@ -326,3 +330,34 @@ def test_box_prompts_from_gt_and_from_detections():
     assert torch.equal(inst.masks, masks[1:]) and inst.category_ids == [4]
     torch.testing.assert_close(inst.scores, torch.tensor([0.4]))  # IoU prediction x detector score
     assert segm_stats(coco_ground_truth([sample]), coco_results([inst]))["mAP"] == pytest.approx(0.5)
+
+
+def test_tensor_image_predictor_equals_sam2_set_image():
+    """At sam2's native 1024 px, feeding the transformed tensor gives set_image's features and masks exactly."""
+    model = build_sam2("t", video=False)
+    rgb = (torch.rand(90, 120, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()
+    stock, ours = SAM2ImagePredictor(model), TensorImagePredictor(model)
+    stock.set_image(rgb)
+    ours.set_image_tensor(stock._transforms(rgb), rgb.shape[:2])
+    for a, b in zip(stock._features["high_res_feats"] + [stock._features["image_embed"]],
+                    ours._features["high_res_feats"] + [ours._features["image_embed"]], strict=True):  # fmt: skip
+        assert torch.equal(a, b)
+    box = np.array([[10, 20, 70, 80]])
+    for got, want in zip(ours.predict(box=box, multimask_output=False), stock.predict(box=box, multimask_output=False), strict=True):  # fmt: skip
+        np.testing.assert_array_equal(got, want)
+
+
+def test_load_detections_from_a_results_file(tmp_path):
+    dets = [
+        {"image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4], "score": 0.5},
+        {"image_id": 2, "category_id": 3, "bbox": [0, 0, 2, 2], "score": 0.9},
+        {"image_id": 1, "category_id": 4, "bbox": [5, 5, 1, 1], "score": 0.1},
+    ]
+    path = tmp_path / "dets.json"
+    path.write_text(json.dumps(dets))
+    grouped = load_detections(path)
+    assert grouped == {1: [dets[0], dets[2]], 2: [dets[1]]} == load_detections(dets)
+    with pytest.raises(MQSAM2Error, match="lacks score"):
+        load_detections([{"image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4]}])
+    with pytest.raises(MQSAM2Error, match="not found"):
+        load_detections(tmp_path / "missing.json")

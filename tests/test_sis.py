@@ -248,3 +248,16 @@ def test_unknown_policy_and_bad_options_are_clear():
     set_memory_policy(model, "sis", k=2, tau=0.5, similarity="per_location")
     assert type(model) is SISVideoPredictor and model.memory_options.k == 2
     assert np.isclose(model.memory_options.tau, 0.5) and model.memory_options.capacity == 6
+
+
+def test_state_nbytes_counts_each_storage_once_and_skips_frames():
+    base = torch.zeros(10, 10)  # 400 bytes
+    bank = MemoryBank(
+        capacity=2, k=2, entries=[MemoryEntry(base[:5], torch.zeros(4), (0,))]
+    )  # a view: no bytes
+    state = {
+        "images": torch.zeros(1000),
+        "outputs": {1: {"a": base, "b": [base.T, (torch.zeros(3, dtype=torch.float64),)]}},  # 24 more
+        "banks": {1: bank},
+    }  # + the bank's own 16-byte pos_enc
+    assert state_nbytes(state) == 400 + 24 + 16
