@@ -8,12 +8,14 @@ from pathlib import Path
 
 import torch
 from hydra import compose
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from sam2.modeling.sam2_base import SAM2Base
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
 from mqsam2.errors import MQSAM2Error
+from mqsam2.memory.policies import policy_target
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ _SIZE_ALIASES = {
     "b+": "b+", "b": "b+", "base": "b+", "base_plus": "b+", "base-plus": "b+",
     "l": "l", "large": "l",
 }  # fmt: skip
-VIDEO_PREDICTOR_TARGET = "mqsam2.memory.predictor.VideoPredictor"
+VIDEO_PREDICTOR_TARGET = policy_target("fifo")  # the stock-SAM2 predictor
 
 
 def canonical_size(size: str) -> str:
@@ -54,7 +56,10 @@ def _cuda_postprocessing_available() -> bool:
 
 
 def hydra_overrides(
-    image_size: int | None = None, video: bool = True, memory_overrides: dict | None = None
+    image_size: int | None = None,
+    video: bool = True,
+    memory_overrides: dict | None = None,
+    memory_policy: str = "fifo",
 ) -> list[str]:
     """The overrides sam2's own builders apply, plus ours (input size, predictor class, memory policy)."""
     overrides = [
@@ -76,7 +81,7 @@ def hydra_overrides(
         # sam2's hole filling needs its CUDA extension; without it sam2 warns on every frame and skips it.
         fill_holes = 8 if _cuda_postprocessing_available() else 0
         overrides += [
-            f"++model._target_={VIDEO_PREDICTOR_TARGET}",
+            f"++model._target_={policy_target(memory_policy)}",
             "++model.binarize_mask_from_pts_for_mem_enc=true",
             f"++model.fill_hole_area={fill_holes}",
         ]
@@ -88,7 +93,12 @@ def hydra_overrides(
 def _instantiate(config: str, overrides: list[str]) -> torch.nn.Module:
     cfg = compose(config_name=config, overrides=overrides)
     OmegaConf.resolve(cfg)
-    return instantiate(cfg.model, _recursive_=True)
+    try:
+        return instantiate(cfg.model, _recursive_=True)
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, MQSAM2Error):  # e.g. invalid memory-policy options: keep our message
+            raise exc.__cause__ from None
+        raise
 
 
 @functools.cache
@@ -149,11 +159,12 @@ def build_architecture(
     video: bool = True,
     seed: int = 0,
     memory_overrides: dict | None = None,
+    memory_policy: str = "fifo",
 ) -> SAM2Base:
     """The float architecture with sam2's seeded default init (weights are expected to be loaded next)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _instantiate(config, hydra_overrides(image_size, video, memory_overrides))
+        model = _instantiate(config, hydra_overrides(image_size, video, memory_overrides, memory_policy))
     model.mqsam2_config = config
     return model.eval()
 
@@ -168,15 +179,19 @@ def build_sam2(
     version: str = "2.1",
     device: str | torch.device = "cpu",
     memory_overrides: dict | None = None,
+    memory_policy: str = "fifo",
 ) -> SAM2Base:
     """The video predictor (`video=True`) or the base model, in eval mode.
+
+    `memory_policy` picks the predictor class (`mqsam2.memory.MEMORY_POLICIES`: fifo = stock SAM2, sis);
+    its options (e.g. `{"k": 3, "tau": 1.0}` for sis) go in `memory_overrides` and reach its constructor.
 
     Without a checkpoint the weights are a seeded random init: fine for tests, fidelity measurements and
     speed, meaningless for accuracy against ground truth.
     """
     config = config_name(size, version)
     state_dict = load_checkpoint_state(checkpoint) if checkpoint is not None else None
-    model = build_architecture(config, image_size, video, seed, memory_overrides)
+    model = build_architecture(config, image_size, video, seed, memory_overrides, memory_policy)
     if state_dict is None:
         log.warning(
             "RANDOM-INIT SAM2 (%s, seed %d): no checkpoint given, masks are meaningless against ground "

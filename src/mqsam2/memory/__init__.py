@@ -1,5 +1,26 @@
 """Video memory: the tensor-fed predictor and memory-bank policies (stock FIFO, SIS)."""
 
+from mqsam2.memory.policies import (
+    MEMORY_POLICIES,
+    policy_name,
+    policy_target,
+    set_memory_policy,
+    using_memory_policy,
+)
 from mqsam2.memory.predictor import Prompt, VideoPredictor
+from mqsam2.memory.sis import MemoryBank, MemoryEntry, SISOptions, SISVideoPredictor, synthesize
 
-__all__ = ["Prompt", "VideoPredictor"]
+__all__ = [
+    "MEMORY_POLICIES",
+    "MemoryBank",
+    "MemoryEntry",
+    "Prompt",
+    "SISOptions",
+    "SISVideoPredictor",
+    "VideoPredictor",
+    "policy_name",
+    "policy_target",
+    "set_memory_policy",
+    "synthesize",
+    "using_memory_policy",
+]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 
 import torch
 from sam2.sam2_video_predictor import SAM2VideoPredictor
@@ -118,3 +118,25 @@ class VideoPredictor(SAM2VideoPredictor):
                 if frame_idx >= prompts[obj_id].frame:
                     masks[obj_ids.index(obj_id), frame_idx] = logits[row, 0].cpu() > 0
         return masks
+
+
+def state_nbytes(state: dict, skip: tuple[str, ...] = ("images",)) -> int:
+    """Bytes of tensor storage an inference state holds (each storage once), without the input frames.
+
+    Walks dicts, lists, tuples and dataclasses (memory banks live inside the per-object outputs), so it measures
+    what a memory policy keeps alive rather than what the allocator happens to cache.
+    """
+    seen: dict[tuple, int] = {}
+    pending: list = [v for k, v in state.items() if k not in skip]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            seen[(item.device, storage.data_ptr())] = storage.nbytes()
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+        elif is_dataclass(item) and not isinstance(item, type):
+            pending.extend(getattr(item, f.name) for f in fields(item))
+    return sum(seen.values())

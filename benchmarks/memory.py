@@ -1,0 +1,163 @@
+"""Memory-bank benchmark: stock FIFO vs SIS vs SIS with freeing on one long synthetic stream.
+
+Per policy: per-frame latency, tensor memory the predictor's state holds (inputs excluded), and J&F of its masks
+against FIFO's (fidelity: random-init weights make labels meaningless, agreement with stock SAM2 is not).
+The three predictors run in lockstep on the same frames, so machine noise hits them alike. Frames are
+generated on demand, so 10,000 frames at 1024 px never sit in memory at once.
+
+    python benchmarks/memory.py --frames 1000 --image-size 128                  # CPU, reduced resolution
+    python benchmarks/memory.py --frames 10000 --image-size 1024                # GPU (bf16 autocast)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+
+from mqsam2.memory import Prompt
+from mqsam2.memory.predictor import state_nbytes
+from mqsam2.metrics import boundary_f_measure, region_similarity
+from mqsam2.models import build_sam2
+from mqsam2.overlays import IMAGE_MEAN, IMAGE_STD
+
+POLICIES = {"fifo": ("fifo", {}), "sis": ("sis", {}), "sis+free": ("sis", {"free_evicted": True})}
+
+
+class SyntheticStream:
+    """A textured background with a disk drifting on a Lissajous path and breathing in size; frames by index."""
+
+    def __init__(self, num_frames: int, image_size: int, video_size: tuple[int, int], device: torch.device):
+        self.num_frames, self.image_size, self.video_size, self.device = (
+            num_frames,
+            image_size,
+            video_size,
+            device,
+        )
+        g = torch.Generator().manual_seed(0)
+        coarse = torch.rand(1, 3, 12, 16, generator=g)
+        self.background = torch.nn.functional.interpolate(coarse, size=video_size, mode="bilinear")[0].to(
+            device
+        )
+        self.mean = torch.tensor(IMAGE_MEAN, device=device).view(3, 1, 1)
+        self.std = torch.tensor(IMAGE_STD, device=device).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return self.num_frames
+
+    def mask(self, t: int) -> torch.Tensor:
+        h, w = self.video_size
+        cy = h * (0.5 + 0.3 * math.sin(t / 47))
+        cx = w * (0.5 + 0.35 * math.sin(t / 29 + 1))
+        r = min(h, w) * (0.15 + 0.05 * math.sin(t / 13))
+        ys = torch.arange(h, device=self.device)[:, None]
+        xs = torch.arange(w, device=self.device)[None, :]
+        return (ys - cy) ** 2 + (xs - cx) ** 2 <= r * r
+
+    def __getitem__(self, t: int) -> torch.Tensor:
+        rgb = torch.where(
+            self.mask(t), torch.tensor([0.9, 0.2, 0.1], device=self.device).view(3, 1, 1), self.background
+        )
+        size = (self.image_size, self.image_size)
+        resized = torch.nn.functional.interpolate(rgb[None], size=size, mode="bilinear", align_corners=False)[
+            0
+        ]
+        return (resized - self.mean) / self.std
+
+
+def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    video_size = tuple(args.video_size or (args.image_size * 3 // 4, args.image_size))
+    stream = SyntheticStream(args.frames, args.image_size, video_size, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    runs = {}
+    with autocast:
+        for name, (policy, options) in POLICIES.items():
+            model = build_sam2(
+                args.size,
+                image_size=args.image_size,
+                seed=args.seed,
+                device=device,
+                memory_policy=policy,
+                memory_overrides=options,
+            )
+            state = model.init_state_from_frames(stream[0][None], video_size)
+            state["images"], state["num_frames"] = (
+                stream,
+                len(stream),
+            )  # sam2 reads frames by index, on demand
+            model.add_prompt(state, 1, Prompt.from_mask(0, stream.mask(0).cpu()))
+            runs[name] = {
+                "state": state,
+                "frames": model.propagate_in_video(state),
+                "latency": [],
+                "held": [],
+                "j": [],
+                "f": [],
+            }
+        for t in range(args.frames):
+            masks = {}
+            for name, r in runs.items():
+                start = time.perf_counter()
+                _, _, logits = next(r["frames"])
+                masks[name] = (logits[0] > 0).cpu()  # the copy synchronises the device
+                r["latency"].append(time.perf_counter() - start)
+                if t % args.memory_every == 0 or t == args.frames - 1:
+                    r["held"].append(state_nbytes(r["state"]))
+            for name, r in runs.items():
+                r["j"].append(float(region_similarity(masks[name], masks["fifo"])))
+                r["f"].append(float(boundary_f_measure(masks[name], masks["fifo"])))
+    summary = {}
+    for name, r in runs.items():
+        lat = [x * 1e3 for x in r["latency"][1:]]  # frame 0 is the prompt frame: no tracking
+        j, f = statistics.fmean(r["j"][1:]), statistics.fmean(r["f"][1:])
+        summary[name] = {
+            "ms_mean": statistics.fmean(lat),
+            "ms_p50": statistics.median(lat),
+            "ms_p95": statistics.quantiles(lat, n=20)[-1],
+            "ms_last100": statistics.fmean(lat[-100:]),
+            "held_mb_end": r["held"][-1] / 2**20,
+            "held_mb_max": max(r["held"]) / 2**20,
+            "jf_vs_fifo": (j + f) / 2,
+        }
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--frames", type=int, default=1000)
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument(
+        "--video-size", type=int, nargs=2, metavar=("H", "W"), help="default: 3/4 x image size by image size"
+    )
+    parser.add_argument("--size", default="t", help="SAM2 size: t, s, b+, l (random init)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--memory-every", type=int, default=50, help="measure held memory every N frames")
+    args = parser.parse_args()
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"SAM2.1-{args.size} random init, {args.frames} frames at {args.image_size} px, {device}, torch {torch.__version__}"
+    )
+    summary = run(args)
+    print("| policy | ms/frame mean | p50 | p95 | last 100 | held MB (end) | held MB (max) | J&F vs fifo |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, s in summary.items():
+        print(
+            f"| {name} | {s['ms_mean']:.1f} | {s['ms_p50']:.1f} | {s['ms_p95']:.1f} | {s['ms_last100']:.1f} | "
+            f"{s['held_mb_end']:.2f} | {s['held_mb_max']:.2f} | {s['jf_vs_fifo']:.4f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""Evaluation metrics: DAVIS J&F for video tracks, COCO mask mAP with box prompts."""
+
+from mqsam2.metrics.coco import (
+    Instances,
+    TensorImagePredictor,
+    coco_ground_truth,
+    coco_results,
+    load_detections,
+    mask_map,
+    predict_instances,
+    segm_stats,
+)
+from mqsam2.metrics.jandf import JandF, boundary_f_measure, boundary_map, region_similarity
+
+__all__ = [
+    "Instances",
+    "JandF",
+    "TensorImagePredictor",
+    "boundary_f_measure",
+    "boundary_map",
+    "coco_ground_truth",
+    "coco_results",
+    "load_detections",
+    "mask_map",
+    "predict_instances",
+    "region_similarity",
+    "segm_stats",
+]

@@ -1,0 +1,226 @@
+"""COCO mask mAP with box prompts: SAM2's image predictor on GT boxes or a detector's boxes, scored by COCOeval.
+
+Protocol (method.md §7): each box prompts one single-mask prediction; its score is the predicted IoU (times the
+detector's score when boxes come from a detector); COCO segm mAP through pycocotools.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from sam2.modeling.sam2_base import SAM2Base
+from sam2.sam2_image_predictor import SAM2ImagePredictor
+from torch import Tensor
+
+from mqsam2.errors import MQSAM2Error
+
+STAT_NAMES = (
+    "mAP",
+    "mAP50",
+    "mAP75",
+    "mAP_small",
+    "mAP_medium",
+    "mAP_large",
+    "AR1",
+    "AR10",
+    "AR100",
+    "AR_small",
+    "AR_medium",
+    "AR_large",
+)  # in COCOeval.stats order
+
+
+class TensorImagePredictor(SAM2ImagePredictor):
+    """sam2's image predictor fed the data layer's tensors ([3, S, S], resized and normalised).
+
+    `set_image` wants a raw uint8 image and resizes/normalises it itself, and sam2 hard-codes the 1024-px
+    feature sizes; this runs the already-prepared tensor through the same backbone steps at the model's own
+    size and keeps the original size for box transforms and mask upsampling.
+    """
+
+    def __init__(self, model: SAM2Base, **kwargs):
+        super().__init__(model, **kwargs)
+        size = model.image_size
+        self._bb_feat_sizes = [(size // 4, size // 4), (size // 8, size // 8), (size // 16, size // 16)]
+
+    @torch.inference_mode()
+    def set_image_tensor(self, image: Tensor, orig_hw: tuple[int, int]) -> None:
+        size = self.model.image_size
+        if image.shape != (3, size, size):
+            raise MQSAM2Error(
+                f"image must be [3, {size}, {size}] (the model's input size), got {list(image.shape)}"
+            )
+        self.reset_predictor()
+        self._orig_hw = [tuple(int(v) for v in orig_hw)]
+        backbone_out = self.model.forward_image(image[None].to(self.device))
+        _, vision_feats, _, _ = self.model._prepare_backbone_features(backbone_out)
+        if self.model.directly_add_no_mem_embed:
+            vision_feats[-1] = vision_feats[-1] + self.model.no_mem_embed
+        feats = [
+            f.permute(1, 2, 0).view(1, -1, *hw)
+            for f, hw in zip(vision_feats, self._bb_feat_sizes, strict=True)
+        ]
+        self._features = {"image_embed": feats[-1], "high_res_feats": feats[:-1]}
+        self._is_image_set = True
+
+
+@dataclass
+class Instances:
+    """One image's masks (bool [N, H, W], original size) with scores and categories: predictions or a reference."""
+
+    image_id: int
+    masks: Tensor
+    scores: Tensor
+    category_ids: list[int]
+
+
+def load_detections(detections: str | Path | Iterable[dict]) -> dict[int, list[dict]]:
+    """A detector's COCO results (file or list of {image_id, category_id, bbox xywh, score}) grouped by image."""
+    if isinstance(detections, str | Path):
+        path = Path(detections)
+        if not path.is_file():
+            raise MQSAM2Error(f"detections file not found: {path} (a COCO results JSON)")
+        detections = json.loads(path.read_text())
+    by_image: dict[int, list[dict]] = defaultdict(list)
+    for det in detections:
+        missing = {"image_id", "category_id", "bbox", "score"} - det.keys()
+        if missing:
+            raise MQSAM2Error(f"detection {det} lacks {', '.join(sorted(missing))}: use COCO results format")
+        by_image[int(det["image_id"])].append(det)
+    return dict(by_image)
+
+
+def box_prompts(sample, detections: dict[int, list[dict]] | None = None) -> tuple[Tensor, Tensor, list[int]]:
+    """Prompts for one image: boxes xyxy [N, 4] in original pixels, their scores and categories."""
+    if detections is None:
+        boxes = torch.as_tensor(sample.boxes, dtype=torch.float32).reshape(-1, 4)
+        return boxes, torch.ones(len(boxes)), [int(c) for c in sample.category_ids]
+    dets = detections.get(int(sample.image_id), [])
+    xywh = torch.tensor([d["bbox"] for d in dets], dtype=torch.float32).reshape(-1, 4)
+    boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
+    return boxes, torch.tensor([float(d["score"]) for d in dets]), [int(d["category_id"]) for d in dets]
+
+
+def predict_instances(
+    predictor: TensorImagePredictor, sample, detections: dict[int, list[dict]] | None = None
+) -> Instances:
+    """One single-mask prediction per box prompt; score = predicted IoU x box score."""
+    boxes, box_scores, categories = box_prompts(sample, detections)
+    height, width = (int(v) for v in sample.orig_size)
+    if not len(boxes):
+        return Instances(
+            int(sample.image_id), torch.zeros(0, height, width, dtype=torch.bool), box_scores, []
+        )
+    predictor.set_image_tensor(sample.image, (height, width))
+    masks, ious, _ = predictor.predict(box=boxes.numpy(), multimask_output=False)
+    masks = torch.from_numpy(masks).reshape(len(boxes), height, width) > 0
+    scores = torch.from_numpy(ious).reshape(len(boxes)).float() * box_scores
+    return Instances(int(sample.image_id), masks, scores, categories)
+
+
+def _rle(mask: Tensor) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(mask.numpy().astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def coco_ground_truth(items: Sequence) -> COCO:
+    """A COCO ground truth from images with `image_id`, bool `masks` [N, H, W] and `category_ids`.
+
+    Takes the data layer's ImageSample or `Instances` (a reference model's masks, for fidelity); areas and boxes
+    come from the masks, as for COCO's own RLE annotations.
+    """
+    if not items:
+        raise MQSAM2Error("no images to evaluate: the image set is empty")
+    images, annotations, categories = [], [], set()
+    for item in items:
+        height, width = item.masks.shape[-2:]
+        images.append({"id": int(item.image_id), "height": int(height), "width": int(width)})
+        for mask, category in zip(item.masks, item.category_ids, strict=True):
+            rle = _rle(mask)
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": int(item.image_id),
+                    "category_id": int(category),
+                    "segmentation": rle,
+                    "area": float(mask_utils.area(rle)),
+                    "bbox": mask_utils.toBbox(rle).tolist(),
+                    "iscrowd": 0,
+                }
+            )
+            categories.add(int(category))
+    if not annotations:
+        raise MQSAM2Error("no annotated instances in the image set: mAP needs at least one object")
+    gt = COCO()
+    gt.dataset = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": c} for c in sorted(categories)],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    return gt
+
+
+def coco_results(instances: Iterable[Instances]) -> list[dict]:
+    """COCO results entries (RLE segmentation) for predicted instances."""
+    return [
+        {"image_id": inst.image_id, "category_id": int(c), "segmentation": _rle(m), "score": float(s)}
+        for inst in instances
+        for m, s, c in zip(inst.masks, inst.scores, inst.category_ids, strict=True)
+    ]
+
+
+def segm_stats(gt: COCO, results: list[dict]) -> dict[str, float]:
+    """COCOeval segm summary (mAP@[.5:.95], mAP50, mAP75, by area, AR) of results against a ground truth."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        if results:
+            dt = gt.loadRes(results)
+        else:  # pycocotools cannot load an empty result list; no detections scores 0 (or -1 where no GT)
+            dt = COCO()
+            dt.dataset = {
+                "images": gt.dataset["images"],
+                "categories": gt.dataset["categories"],
+                "annotations": [],
+            }
+            dt.createIndex()
+        evaluator = COCOeval(gt, dt, iouType="segm")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return dict(zip(STAT_NAMES, (float(v) for v in evaluator.stats), strict=True))
+
+
+def mask_map(
+    model: SAM2Base,
+    samples: Sequence,
+    detections: str | Path | Iterable[dict] | None = None,
+    reference: SAM2Base | None = None,
+) -> dict[str, float]:
+    """COCO segm stats of a (quantized) SAM2 on images prompted by their GT boxes or by `detections`.
+
+    Scored against the labels, or with `reference` (the FP model) against its masks for the same prompts
+    (fidelity: no labels needed beyond the prompts).
+    """
+    if not samples:
+        raise MQSAM2Error("no images to evaluate: the image set is empty")
+    dets = None if detections is None else load_detections(detections)
+    if reference is None:
+        gt = coco_ground_truth(samples)
+    else:
+        reference_predictor = TensorImagePredictor(reference)
+        gt = coco_ground_truth([predict_instances(reference_predictor, s, dets) for s in samples])
+    predictor = TensorImagePredictor(model)
+    return segm_stats(gt, coco_results(predict_instances(predictor, s, dets) for s in samples))
