@@ -20,7 +20,6 @@ from mqsam2.errors import MQSAM2Error
 from mqsam2.metrics import (
     Instances,
     JandF,
-    TensorImagePredictor,
     boundary_f_measure,
     coco_ground_truth,
     coco_results,
@@ -29,7 +28,7 @@ from mqsam2.metrics import (
     region_similarity,
     segm_stats,
 )
-from mqsam2.models import build_sam2
+from mqsam2.models import TensorImagePredictor, build_sam2
 
 # ---------------------------------------------------------------------------------- DAVIS, in plain numpy
 

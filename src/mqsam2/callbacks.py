@@ -8,7 +8,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import WandbLogger
 
 from mqsam2.errors import MQSAM2Error
 from mqsam2.evaluate import PromptKind, clip_prompts, score_tracks, track
@@ -16,6 +15,7 @@ from mqsam2.memory.policies import using_memory_policy
 from mqsam2.metrics.coco import mask_map
 from mqsam2.metrics.jandf import JandF
 from mqsam2.overlays import save_overlay
+from mqsam2.wandb_images import log_images
 
 
 class EvaluationCallback(L.Callback):
@@ -91,9 +91,7 @@ class EvaluationCallback(L.Callback):
                 if trainer.is_global_zero and len(drawn) < self.overlays:
                     drawn.append(self._draw(trainer, clip, prompts, pred, reference))
         if drawn:
-            for logger in trainer.loggers:
-                if isinstance(logger, WandbLogger):
-                    logger.log_image("val/overlays", [str(p) for p in drawn], step=trainer.global_step)
+            log_images(trainer.loggers, "val/overlays", drawn, step=trainer.global_step)
         metrics = {}
         if self.labelled:
             metrics |= {f"val/{k}": float(v) for k, v in vs_labels.compute().items()}

@@ -91,13 +91,15 @@ class ReconstructionConfig:
 
 @dataclass
 class EvaluationConfig:
-    """What the validation loop measures: memory policies to compare, fidelity against the float model."""
+    """The validation loop (SIS active) plus a comparison table: float, uniform W{b}A{b} baselines calibrated
+    with the same observers (one per entry of `baselines`) and this run's model, under each memory policy."""
 
     enabled: bool = True
     memory: list[str] = field(default_factory=lambda: ["fifo", "sis"])
-    fidelity: bool = True
+    baselines: list[int] = field(default_factory=lambda: [4])
+    detections: str | None = None
     images: bool = True
-    overlays: int = 4
+    overlays: int = 2
 
 
 @dataclass

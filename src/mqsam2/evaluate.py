@@ -46,12 +46,15 @@ def check_clip(clip) -> None:
         )
 
 
-def clip_prompts(clip, kind: PromptKind = "box") -> dict[int, Prompt]:
-    """Each object's prompt on its first annotated frame where it is visible; objects never visible are skipped."""
+def clip_prompts(clip, kind: PromptKind = "box", max_objects: int | None = None) -> dict[int, Prompt]:
+    """Each object's prompt on its first annotated frame where it is visible; objects never visible are skipped
+    (and objects beyond `max_objects`, which calibration uses to bound its cost)."""
     check_clip(clip)
     visible = clip.masks.flatten(2).any(-1) & clip.annotated.bool()[None]  # [O, T]
     prompts = {}
     for row, obj_id in enumerate(clip.obj_ids):
+        if max_objects is not None and len(prompts) == max_objects:
+            break
         frames = visible[row].nonzero().flatten()
         if len(frames):
             frame = int(frames[0])

@@ -78,16 +78,16 @@ def run(config: FitConfig) -> dict:
 
     start = time.perf_counter()
     run_dir = pipeline.prepare_run_dir(config)
+    wandb = wandb_logger(config, run_dir)
+    loggers = [wandb] if wandb else []
     float_model = pipeline.load_float_model(config)
     data = pipeline.load_data(config, float_model.image_size)
     importance = pipeline.stage_importance(float_model, config, data.calibration, run_dir)
-    plan = pipeline.stage_allocation(importance, config, run_dir)
+    plan = pipeline.stage_allocation(importance, config, run_dir, loggers)
     model = pipeline.stage_quantize(float_model, plan, config, data.calibration, run_dir)
-    wandb = wandb_logger(config, run_dir)
-    pipeline.stage_reconstruct(
-        model, float_model, config, data.calibration, run_dir, [wandb] if wandb else []
-    )
+    pipeline.stage_reconstruct(model, float_model, config, data.calibration, run_dir, loggers)
     report = pipeline.summary(run_dir)
+    report["evaluation"] = pipeline.stage_evaluate(model, float_model, config, data, run_dir, loggers)
     report["seconds"] = round(time.perf_counter() - start, 1)
     log.info("done in %.1f s: %s", report["seconds"], run_dir)
     return report

@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from sam2.modeling.sam2_base import SAM2Base
 from sam2.sam2_image_predictor import SAM2ImagePredictor
+from torch import Tensor
 
 from mqsam2.errors import MQSAM2Error
 from mqsam2.memory.policies import policy_target
@@ -206,6 +207,35 @@ def build_sam2(
     return model.to(device)
 
 
-def image_predictor(model: SAM2Base, **kwargs) -> SAM2ImagePredictor:
-    """sam2's image predictor over an (optionally quantized) base or video model."""
-    return SAM2ImagePredictor(model, **kwargs)
+class TensorImagePredictor(SAM2ImagePredictor):
+    """sam2's image predictor fed the data layer's tensors ([3, S, S], resized and normalised).
+
+    `set_image` wants a raw uint8 image and resizes/normalises it itself, and sam2 hard-codes the 1024-px
+    feature sizes; this runs the already-prepared tensor through the same backbone steps at the model's own
+    size and keeps the original size for box transforms and mask upsampling.
+    """
+
+    def __init__(self, model: SAM2Base, **kwargs):
+        super().__init__(model, **kwargs)
+        size = model.image_size
+        self._bb_feat_sizes = [(size // 4, size // 4), (size // 8, size // 8), (size // 16, size // 16)]
+
+    @torch.inference_mode()
+    def set_image_tensor(self, image: Tensor, orig_hw: tuple[int, int]) -> None:
+        size = self.model.image_size
+        if image.shape != (3, size, size):
+            raise MQSAM2Error(
+                f"image must be [3, {size}, {size}] (the model's input size), got {list(image.shape)}"
+            )
+        self.reset_predictor()
+        self._orig_hw = [tuple(int(v) for v in orig_hw)]
+        backbone_out = self.model.forward_image(image[None].to(self.device))
+        _, vision_feats, _, _ = self.model._prepare_backbone_features(backbone_out)
+        if self.model.directly_add_no_mem_embed:
+            vision_feats[-1] = vision_feats[-1] + self.model.no_mem_embed
+        feats = [
+            f.permute(1, 2, 0).view(1, -1, *hw)
+            for f, hw in zip(vision_feats, self._bb_feat_sizes, strict=True)
+        ]
+        self._features = {"image_embed": feats[-1], "high_res_feats": feats[:-1]}
+        self._is_image_set = True

@@ -15,19 +15,25 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import torch
 import yaml
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import CSVLogger, Logger
+from torch.utils.data import DataLoader
 
 from mqsam2.allocation import allocate, plot_allocation, read_plan, write_plan
+from mqsam2.callbacks import EvaluationCallback
 from mqsam2.config import FitConfig
 from mqsam2.data import calibration_set, ensure_synth
 from mqsam2.distributed import rank_and_world
 from mqsam2.errors import MQSAM2Error
+from mqsam2.evaluate import evaluate_video_grid
 from mqsam2.importance import ImportanceCollector, read_importance, write_importance
+from mqsam2.metrics.coco import mask_map
 from mqsam2.models import build_sam2
 from mqsam2.quant import calibration, quantizable_layers, quantize
 from mqsam2.reconstruct.driver import Reconstructor
+from mqsam2.wandb_images import log_images
 from mqsam2.workload import Workload
 
 log = logging.getLogger("mqsam2")
@@ -193,7 +199,9 @@ def stage_importance(model: torch.nn.Module, config: FitConfig, workload: Worklo
     return importance
 
 
-def stage_allocation(importance: dict, config: FitConfig, run_dir: Path) -> dict[str, int]:
+def stage_allocation(
+    importance: dict, config: FitConfig, run_dir: Path, loggers: list[Logger] = ()
+) -> dict[str, int]:
     """Eq. 6 as configured; writes plan.json and the Figure-3-style allocation.png."""
     path = run_dir / "plan.json"
     if path.exists():
@@ -212,6 +220,7 @@ def stage_allocation(importance: dict, config: FitConfig, run_dir: Path) -> dict
             title=f"{config.name}: {cfg.method}, target {cfg.target_avg} bits",
         )
         write_plan(allocation, path)
+        log_images(loggers, "allocation", [run_dir / "allocation.png"])
     histogram = {b: allocation.bits.count(b) for b in sorted(set(allocation.bits))}
     log.info(
         "allocation: %s -> %.3f average bits (objective %.4g, %.2f s), layers per width %s",
@@ -264,7 +273,7 @@ def stage_reconstruct(
         log.info("reconstruction: mode none (calibration only)")
         return
     reconstructor = Reconstructor(
-        model, float_model, workload, config.reconstruction, run_dir, lambda _dir: loggers, seed=config.seed
+        model, float_model, workload, config.reconstruction, run_dir, loggers, seed=config.seed
     )
     log.info("reconstruction: %s over %d units", config.reconstruction.mode, len(reconstructor.units))
     reconstructor.run()
@@ -275,3 +284,106 @@ def summary(run_dir: Path) -> dict:
     if (run_dir / "units.jsonl").exists():
         units = [json.loads(line) for line in (run_dir / "units.jsonl").read_text().splitlines() if line]
     return {"run_dir": str(run_dir), "units": units}
+
+
+class EvaluationModule(L.LightningModule):
+    """The quantized model and its float reference for the validation loop; EvaluationCallback does the work."""
+
+    def __init__(self, model: torch.nn.Module, fp_model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.fp_model = fp_model
+
+    def validation_step(self, batch, batch_idx):
+        return None
+
+
+def uniform_baseline(
+    float_model: torch.nn.Module, bits: int, config: FitConfig, workload: Workload
+) -> torch.nn.Module:
+    """W{bits}A{bits} with the run's observers and no reconstruction: the reference point of the table."""
+    model = copy.deepcopy(float_model)
+    quant_config = dataclasses.replace(config.quant, bits=bits, plan=None)
+    quantize(model, quant_config)
+    with calibration(model, quant_config):
+        workload.run_full(model)
+    return model
+
+
+def stage_evaluate(
+    model: torch.nn.Module,
+    float_model: torch.nn.Module,
+    config: FitConfig,
+    data: Datasets,
+    run_dir: Path,
+    loggers: list[Logger],
+) -> dict:
+    """Lightning validation loop with the EvaluationCallback (SIS active), then the comparison table."""
+    cfg = config.evaluation
+    if not cfg.enabled or not (data.val_videos or data.val_images):
+        log.info("evaluation: skipped (%s)", "disabled" if not cfg.enabled else "no validation data")
+        return {}
+    images = data.val_images if cfg.images else []
+    callback = EvaluationCallback(
+        data.val_videos,
+        images,
+        prompt=config.data.prompt,
+        detections=cfg.detections,
+        memory_policy="sis" if "sis" in cfg.memory else cfg.memory[0],
+        overlays=cfg.overlays,
+    )
+    trainer = L.Trainer(
+        accelerator=config.reconstruction.accelerator,
+        devices=1,
+        logger=[CSVLogger(run_dir, name="eval", version=""), *loggers],
+        callbacks=[callback],
+        enable_model_summary=False,
+        enable_progress_bar=False,
+    )
+    trainer.validate(EvaluationModule(model, float_model), DataLoader([0]), verbose=False)
+    validation = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    models = {"FP": float_model}
+    for bits in cfg.baselines:
+        models[f"W{bits}A{bits} ({config.quant.act_observer})"] = uniform_baseline(
+            float_model, bits, config, data.calibration
+        )
+    models[config.name] = model
+    rows = (
+        evaluate_video_grid(models, data.val_videos, float_model, cfg.memory, config.data.prompt)
+        if data.val_videos
+        else []
+    )
+    if images:
+        for name, candidate in models.items():
+            stats = mask_map(candidate, images, cfg.detections)
+            fidelity = mask_map(candidate, images, cfg.detections, reference=float_model)
+            for row in rows:
+                if row["model"] == name:
+                    row |= {"mAP": stats["mAP"], "fidelity/mAP": fidelity["mAP"]}
+    results = {"validation": validation, "table": rows}
+    if rank_and_world()[0] == 0:
+        _write_atomic(run_dir / "metrics.json", json.dumps(results, indent=1) + "\n")
+        log.info(
+            "evaluation (validation set, random-init weights score against synthetic labels):\n%s",
+            format_table(rows),
+        )
+    return results
+
+
+def format_table(rows: list[dict]) -> str:
+    columns = [
+        ("model", "model", "{}"),
+        ("memory", "memory", "{}"),
+        ("J&F", "J&F vs GT", "{:.3f}"),
+        ("fidelity/J&F", "J&F vs FP", "{:.3f}"),
+        ("mAP", "mAP vs GT", "{:.3f}"),
+        ("fidelity/mAP", "mAP vs FP", "{:.3f}"),
+    ]
+    present = [c for c in columns if any(c[0] in row for row in rows)]
+    cells = [[title for _, title, _ in present]] + [
+        [fmt.format(row[key]) if key in row else "-" for key, _, fmt in present] for row in rows
+    ]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(present))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -11,24 +11,9 @@ import torch
 
 from mqsam2.data import ImageSample, VideoClip
 from mqsam2.errors import MQSAM2Error
-from mqsam2.memory.predictor import Prompt, VideoPredictor
-
-
-def clip_prompts(clip: VideoClip, kind: str = "box", max_objects: int | None = None) -> dict[int, Prompt]:
-    """Each object prompted on its first annotated frame where it is visible (the papers' protocol)."""
-    prompts = {}
-    for row, obj_id in enumerate(clip.obj_ids):
-        if max_objects is not None and len(prompts) == max_objects:
-            break
-        visible = clip.annotated & clip.masks[row].flatten(1).any(dim=1)
-        if visible.any():
-            frame = int(visible.nonzero()[0])
-            prompts[obj_id] = Prompt.from_mask(frame, clip.masks[row, frame], kind)
-    if not prompts:
-        raise MQSAM2Error(
-            f"video {clip.video_id} has no prompt on any frame: no object is visible in its annotations"
-        )
-    return prompts
+from mqsam2.evaluate import clip_prompts
+from mqsam2.memory.predictor import VideoPredictor
+from mqsam2.models import TensorImagePredictor
 
 
 @dataclass
@@ -65,11 +50,23 @@ class Workload:
     @torch.inference_mode()
     def run_full(self, model: VideoPredictor) -> None:
         """Every clip tracked from its prompts (memory attention, memory encoder and mask decoder see their
-        deployment inputs), and every image through the encoder."""
+        deployment inputs), and every image segmented from its boxes."""
         for clip in self.videos:
             model.track_clip(clip.frames, clip.orig_size, clip_prompts(clip, self.prompt, self.max_objects))
-        if self.images:
-            self.run_encoder(model, torch.stack([s.image for s in self.images]))
+        self.run_images(model)
+
+    @torch.inference_mode()
+    def run_images(self, model: VideoPredictor) -> None:
+        """Each image segmented from its GT boxes, then refined once with the first pass's mask logits as a
+        dense prompt (SAM's interactive loop), which is what exercises the prompt encoder's mask convs."""
+        predictor = TensorImagePredictor(model)
+        for sample in self.images:
+            if not len(sample.boxes):
+                continue
+            predictor.set_image_tensor(sample.image, sample.orig_size)
+            boxes = sample.boxes.numpy()
+            _, _, logits = predictor.predict(box=boxes, multimask_output=False)
+            predictor.predict(box=boxes, mask_input=logits, multimask_output=False)
 
     def run(self, model: VideoPredictor, encoder_only: bool = False) -> None:
         if encoder_only:

@@ -2,7 +2,6 @@
 
 from mqsam2.metrics.coco import (
     Instances,
-    TensorImagePredictor,
     coco_ground_truth,
     coco_results,
     load_detections,
@@ -15,7 +14,6 @@ from mqsam2.metrics.jandf import JandF, boundary_f_measure, boundary_map, region
 __all__ = [
     "Instances",
     "JandF",
-    "TensorImagePredictor",
     "boundary_f_measure",
     "boundary_map",
     "coco_ground_truth",

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
 from torch import nn
 from torch.utils.data import DataLoader
@@ -30,6 +30,7 @@ from mqsam2.reconstruct.module import UnitReconstruction, unit_error
 from mqsam2.reconstruct.report import plot_loss_curve, read_metrics
 from mqsam2.reconstruct.rounding import BetaSchedule
 from mqsam2.reconstruct.units import Unit, reconstruction_units
+from mqsam2.wandb_images import log_images
 from mqsam2.workload import Workload
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,11 @@ def newest_checkpoint(directory: Path) -> Path | None:
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
+def progress_bar(total_steps: int) -> TQDMProgressBar:
+    """Every step on a terminal; about twenty updates per fit in logs (Slurm, CI), which are not terminals."""
+    return TQDMProgressBar(refresh_rate=1 if sys.stdout.isatty() else max(1, total_steps // 20))
+
+
 def _save_atomic(state: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -96,7 +102,7 @@ class Reconstructor:
         workload: Workload,
         config: ReconstructionConfig,
         run_dir: Path,
-        loggers: Callable[[Path], list[Logger]] | None = None,
+        loggers: list[Logger] | None = None,
         seed: int = 0,
         only: list[str] | None = None,
         callbacks: list[L.Callback] | None = None,
@@ -105,7 +111,7 @@ class Reconstructor:
         self.float_model = float_model
         self.config = config
         self.run_dir = Path(run_dir)
-        self.extra_loggers = loggers or (lambda _dir: [])
+        self.loggers = loggers or []
         self.seed = seed
         self.callbacks = callbacks or []
         self.rank, self.world_size = rank_and_world()
@@ -157,7 +163,7 @@ class Reconstructor:
         nodes = max(self.world_size // processes_per_node(), 1)
         devices = processes_per_node() if self.world_size > 1 else 1
         strategy = "ddp" if self.world_size > 1 and config.strategy == "auto" else config.strategy
-        loggers = [CSVLogger(phase_dir, name="logs", version=attempt), *self.extra_loggers(phase_dir)]
+        loggers = [CSVLogger(phase_dir, name="logs", version=attempt), *self.loggers]
         checkpoint = ModelCheckpoint(
             dirpath=phase_dir, every_n_train_steps=config.checkpoint_every, save_last=True, save_top_k=0
         )
@@ -169,7 +175,7 @@ class Reconstructor:
             strategy=strategy,
             precision=config.precision,
             logger=loggers,
-            callbacks=[checkpoint, *self.callbacks],
+            callbacks=[checkpoint, progress_bar(iters), *self.callbacks],
             default_root_dir=phase_dir,
             enable_model_summary=False,
             num_sanity_val_steps=0,
@@ -228,7 +234,11 @@ class Reconstructor:
         self, unit: Unit, phase: Phase, phase_dir: Path, steps: int, seconds: float, errors: dict
     ) -> None:
         metrics = read_metrics(phase_dir / "logs")
-        plot_loss_curve(metrics, phase_dir.parent / f"{phase.name}_loss.png", f"{unit.name} ({phase.name})")
+        curve = plot_loss_curve(
+            metrics, phase_dir.parent / f"{phase.name}_loss.png", f"{unit.name} ({phase.name})"
+        )
+        if curve is not None:
+            log_images(self.loggers, f"{unit.name}/{phase.name}/loss_curve", [curve])
         record = {
             "unit": unit.name,
             "phase": phase.name,

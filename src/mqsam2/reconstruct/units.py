@@ -65,7 +65,7 @@ def _block_units(model: nn.Module) -> list[tuple[str, bool, bool]]:
         ("sam_mask_decoder", True, False),
         ("obj_ptr_proj", False, True),
         ("obj_ptr_tpos_proj", False, True),
-        ("sam_prompt_encoder", True, False),
+        ("sam_prompt_encoder.mask_downscaling", True, True),
     ]
 
 
