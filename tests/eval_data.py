@@ -1,41 +1,13 @@
-"""Synthetic clips and images shaped like mqsam2.data's VideoClip / ImageSample, for the evaluation tests."""
+"""Small synthetic VideoClip / ImageSample objects built in memory, for the evaluation tests."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
+from mqsam2.data import ImageSample, VideoClip
 from mqsam2.overlays import IMAGE_MEAN, IMAGE_STD
 
 EVAL_IMAGE_SIZE = 64  # the smallest size sam2's configs allow: keeps every tracking test in seconds on a CPU
-
-
-@dataclass
-class Clip:
-    """Duck-typed stand-in for mqsam2.data.VideoClip."""
-
-    video_id: str
-    frames: torch.Tensor
-    masks: torch.Tensor
-    obj_ids: list[int]
-    annotated: torch.Tensor
-    orig_size: tuple[int, int]
-    frame_indices: list[int] = field(default_factory=list)
-    fps: float = 24.0
-    split: str = "val"
-
-
-@dataclass
-class Image:
-    """Duck-typed stand-in for mqsam2.data.ImageSample."""
-
-    image_id: int
-    image: torch.Tensor
-    boxes: torch.Tensor
-    masks: torch.Tensor
-    category_ids: list[int]
-    orig_size: tuple[int, int]
 
 
 def normalise(rgb: torch.Tensor, size: int) -> torch.Tensor:
@@ -83,9 +55,9 @@ def make_clip(
     orig_size: tuple[int, int] = (48, 64),
     image_size: int = EVAL_IMAGE_SIZE,
     seed: int = 0,
-) -> Clip:
+) -> VideoClip:
     masks = moving_boxes(num_frames, *orig_size, num_objects, seed)
-    return Clip(
+    return VideoClip(
         video_id=video_id,
         frames=normalise(render(masks, seed), image_size),
         masks=masks,
@@ -93,18 +65,20 @@ def make_clip(
         annotated=torch.ones(num_frames, dtype=torch.bool),
         orig_size=orig_size,
         frame_indices=list(range(num_frames)),
+        fps=24.0,
+        split="val",
     )
 
 
 def make_image(
     image_id: int, num_objects: int = 2, orig_size=(48, 64), image_size: int = EVAL_IMAGE_SIZE
-) -> Image:
+) -> ImageSample:
     masks = moving_boxes(1, *orig_size, num_objects, seed=100 + image_id)[:, 0]
     boxes = []
     for mask in masks:
         ys, xs = mask.nonzero(as_tuple=True)
         boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-    return Image(
+    return ImageSample(
         image_id=image_id,
         image=normalise(render(masks[:, None], seed=image_id), image_size)[0],
         boxes=torch.tensor(boxes, dtype=torch.float32),

@@ -7,7 +7,6 @@ import csv
 import lightning as L
 import pytest
 import torch
-from eval_data import EVAL_IMAGE_SIZE, make_clip, make_image
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from mqsam2.callbacks import EvaluationCallback
@@ -15,6 +14,8 @@ from mqsam2.errors import MQSAM2Error
 from mqsam2.evaluate import evaluate_images, evaluate_video, evaluate_video_grid
 from mqsam2.memory import SISVideoPredictor, VideoPredictor
 from mqsam2.models import build_sam2
+
+from .eval_data import EVAL_IMAGE_SIZE, make_clip, make_image
 
 
 @pytest.fixture(scope="module")

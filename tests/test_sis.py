@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from eval_data import EVAL_IMAGE_SIZE, make_clip
 from PIL import Image
 from sam2.build_sam import build_sam2_video_predictor
 from sam2.utils.misc import load_video_frames
@@ -27,6 +26,8 @@ from mqsam2.memory import (
 )
 from mqsam2.memory.predictor import state_nbytes
 from mqsam2.models import VIDEO_PREDICTOR_TARGET, build_sam2, hydra_overrides
+
+from .eval_data import EVAL_IMAGE_SIZE, make_clip
 
 
 def with_cosines(cosines: list[float], dim: int = 8, seed: int = 0) -> torch.Tensor:
@@ -120,7 +121,7 @@ def test_bank_rejects_k_above_capacity():
 
 
 def write_jpegs(clip, folder) -> None:
-    from eval_data import render
+    from .eval_data import render
 
     for t, frame in enumerate(render(clip.masks, seed=0)):
         array = (frame.permute(1, 2, 0) * 255).round().byte().numpy()

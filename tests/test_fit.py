@@ -1,0 +1,54 @@
+"""The fit CLI: every shipped config parses, bad input is one line, a run directory refuses another config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mqsam2.config import FitConfig
+from mqsam2.errors import MQSAM2Error
+from mqsam2.fit import main, parse_config
+from mqsam2.pipeline import prepare_run_dir
+
+CONFIGS = sorted(Path(__file__).parents[1].glob("configs/**/*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_every_shipped_config_parses(path):
+    config = parse_config(["--config", str(path)])
+    assert isinstance(config, FitConfig)
+    assert config.allocation.candidates and config.reconstruction.iters > 0
+
+
+def test_command_line_overrides_yaml():
+    config = parse_config(
+        ["--config", "configs/demo.yaml", "--model.size", "b+", "--reconstruction.iters", "3"]
+    )
+    assert (config.model.size, config.reconstruction.iters, config.model.image_size) == ("b+", 3, 256)
+
+
+def test_bad_config_value_is_a_one_line_error(capsys):
+    assert (
+        main(
+            ["--config", "configs/demo.yaml", "--reconstruction.mode", "magic", "--run_root", "/nonexistent"]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: reconstruction.mode 'magic' is unknown: use one of qdrop, brecq, adaround, none"]
+
+
+def test_run_directory_made_with_another_config_is_refused(tmp_path):
+    first = parse_config(["--config", "configs/demo.yaml", "--run_root", str(tmp_path)])
+    prepare_run_dir(first)
+    prepare_run_dir(
+        parse_config(
+            ["--config", "configs/demo.yaml", "--run_root", str(tmp_path), "--reconstruction.devices", "1"]
+        )
+    )
+    changed = parse_config(
+        ["--config", "configs/demo.yaml", "--run_root", str(tmp_path), "--model.size", "s"]
+    )
+    with pytest.raises(MQSAM2Error, match=r"made with another config \(model.size: 't' -> 's'\)"):
+        prepare_run_dir(changed)
