@@ -137,3 +137,35 @@ def test_interrupted_run_resumes_to_the_same_weights(calibrated, workload, tmp_p
         a = straight.model.get_submodule(name).state_dict()
         b = resumed.model.get_submodule(name).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_chained_block_cache_equals_a_fresh_capture(calibrated, workload, tmp_path):
+    """Hiera blocks form a chain: deriving block 2's inputs from block 1's cache must give what running the
+    whole encoder gives."""
+    from mqsam2.reconstruct.cache import capture_unit, chain_cache
+
+    reconstructor = _reconstructor(calibrated, workload, tmp_path, None)
+    first, second = (
+        u for u in reconstructor.units if u.name in (HIERA_BLOCK, "image_encoder.trunk.blocks.2")
+    )
+    assert second.follows == first.name
+    float_model = reconstructor.float_model
+    chained = chain_cache(
+        reconstructor.capture(first), first.module, float_model.get_submodule(second.name), second.name
+    )
+    fresh = capture_unit(
+        second.name,
+        second.module,
+        float_model.get_submodule(second.name),
+        run_quant=lambda: workload.run_encoder(reconstructor.model),
+        run_float=lambda: workload.run_encoder(float_model),
+        batchable=True,
+    )
+    assert len(chained) == len(fresh)
+    pairs = [(a.inputs, b.inputs) for a, b in zip(chained.quant, fresh.quant, strict=True)]
+    pairs += [
+        (a.inputs + a.outputs, b.inputs + b.outputs) for a, b in zip(chained.float, fresh.float, strict=True)
+    ]
+    for chained_tensors, fresh_tensors in pairs:
+        for x, y in zip(chained_tensors, fresh_tensors, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)

@@ -176,6 +176,30 @@ class UnitCache:
         )
 
 
+@torch.no_grad()
+def chain_cache(
+    previous: UnitCache, quant_previous: nn.Module, float_next: nn.Module, unit_name: str, batch_size: int = 8
+) -> UnitCache:
+    """The cache of a unit whose only input is the previous unit's output (Hiera's chain of blocks): the
+    quantized input is the finished previous unit applied to its own quantized inputs, the float input is the
+    previous float target, and the new target is the float unit applied to it. No model pass needed."""
+    quant_calls, float_calls = [], []
+    for start in range(0, len(previous), batch_size):
+        indices = list(range(start, min(start + batch_size, len(previous))))
+        batch = previous.batch(indices)
+        args, kwargs = batch.unflatten(batch.inputs_q)
+        quant_inputs = quant_previous(*args, **kwargs)
+        (float_inputs,) = batch.targets
+        float_outputs = float_next(float_inputs)
+        for i in range(len(indices)):
+            spec = tree_flatten(((quant_inputs[i : i + 1],), {}))[1]
+            quant_calls.append(Call([quant_inputs[i : i + 1]], spec, [], batch.output_spec))
+            float_calls.append(
+                Call([float_inputs[i : i + 1]], spec, [float_outputs[i : i + 1]], batch.output_spec)
+            )
+    return UnitCache(quant_calls, float_calls, batchable=True, unit_name=unit_name)
+
+
 def capture_unit(
     unit_name: str,
     quant_module: nn.Module,

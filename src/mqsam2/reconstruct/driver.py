@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +20,14 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import nn
 from torch.utils.data import DataLoader
 
 from mqsam2.config import ReconstructionConfig
 from mqsam2.distributed import processes_per_node, rank_and_world
 from mqsam2.errors import MQSAM2Error
-from mqsam2.reconstruct.cache import UnitCache, capture_unit
+from mqsam2.reconstruct.cache import UnitCache, capture_unit, chain_cache
 from mqsam2.reconstruct.module import UnitReconstruction, unit_error
 from mqsam2.reconstruct.report import plot_loss_curve, read_metrics
 from mqsam2.reconstruct.rounding import BetaSchedule
@@ -34,6 +36,13 @@ from mqsam2.wandb_images import log_images
 from mqsam2.workload import Workload
 
 log = logging.getLogger(__name__)
+
+# Units train in eval mode on purpose (no dropout or drop-path: reconstruction matches deployment; QDrop is
+# driven by the quantizers' drop_prob), and batches are drawn by global step, so a mid-epoch resume is exact.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=PossibleUserWarning)
+warnings.filterwarnings(
+    "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
+)
 
 
 @dataclass(frozen=True)
@@ -116,7 +125,8 @@ class Reconstructor:
         self.callbacks = callbacks or []
         self.rank, self.world_size = rank_and_world()
         self.workload = workload.shard(self.rank, self.world_size)
-        self.units = reconstruction_units(model, config.mode)
+        self.all_units = reconstruction_units(model, config.mode)
+        self.units = self.all_units
         if only is not None:
             unknown = sorted(set(only) - {unit.name for unit in self.units})
             if unknown:
@@ -125,6 +135,7 @@ class Reconstructor:
 
     def run(self) -> None:
         plan = phases(self.config)
+        previous: tuple[Unit, UnitCache] | None = None
         for index, unit in enumerate(self.units, start=1):
             log.info("unit %d/%d: %s (%d layers)", index, len(self.units), unit.name, len(unit.layers))
             cache = None
@@ -134,22 +145,31 @@ class Reconstructor:
                     unit.module.load_state_dict(torch.load(done, map_location="cpu", weights_only=True))
                     log.info("  %s: finished earlier, loaded %s", phase.name, done)
                     continue
-                cache = cache or self.capture(unit)
+                cache = cache or self.capture(unit, previous)
                 self.fit_phase(unit, phase, cache)
+            previous = (unit, cache) if cache is not None else None
 
-    def capture(self, unit: Unit) -> UnitCache:
+    def capture(self, unit: Unit, previous: tuple[Unit, UnitCache] | None = None) -> UnitCache:
+        """Record the unit's calibration tensors. A unit in a chain of blocks derives them from the previous
+        unit's cache (recomputed the same way after a restart, so resumed runs see identical tensors)."""
         start = time.perf_counter()
         float_unit = self.float_model.get_submodule(unit.name)
-        cache = capture_unit(
-            unit.name,
-            unit.module,
-            float_unit,
-            run_quant=lambda: self.workload.run(self.model, unit.encoder_only),
-            run_float=lambda: self.workload.run(self.float_model, unit.encoder_only),
-            batchable=unit.batchable,
-        )
-        device = next(self.model.parameters()).device
-        cache.to(_cache_device(self.config, cache, device))
+        if unit.follows is not None:
+            before = next(u for u in self.all_units if u.name == unit.follows)
+            if previous is None or previous[0].name != unit.follows:
+                previous = (before, self.capture(before))
+            cache = chain_cache(previous[1], before.module, float_unit, unit.name, self.config.batch_size)
+        else:
+            cache = capture_unit(
+                unit.name,
+                unit.module,
+                float_unit,
+                run_quant=lambda: self.workload.run(self.model, unit.encoder_only),
+                run_float=lambda: self.workload.run(self.float_model, unit.encoder_only),
+                batchable=unit.batchable,
+            )
+            device = next(self.model.parameters()).device
+            cache.to(_cache_device(self.config, cache, device))
         log.info(
             "  captured %d samples (%.1f MiB) in %.1f s",
             len(cache),

@@ -15,6 +15,7 @@ from mqsam2.quant.quantizer import ActQuantizer
 from mqsam2.quant.swap import quantized_layers
 
 UNIT_MODES = ("qdrop", "brecq", "adaround", "none")
+TRUNK_BLOCK = "image_encoder.trunk.blocks."
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Unit:
     encoder_only: bool = False  # its inputs come from the image encoder alone (no video run needed)
     channels_first: bool = False  # outputs are NCHW, so channels are dim 1 in the loss
     batchable: bool = True  # every tensor input carries the sample batch in dim 0
+    follows: str | None = None  # the unit whose output is this unit's only input (a chain of blocks)
 
     @property
     def act_quantizers(self) -> dict[str, ActQuantizer]:
@@ -90,6 +92,7 @@ def reconstruction_units(model: nn.Module, mode: str = "qdrop") -> list[Unit]:
         if not mine:
             continue
         owned.update(mine)
+        chained = units and name.startswith(TRUNK_BLOCK) and units[-1].name.startswith(TRUNK_BLOCK)
         units.append(
             Unit(
                 name=name,
@@ -98,6 +101,7 @@ def reconstruction_units(model: nn.Module, mode: str = "qdrop") -> list[Unit]:
                 encoder_only=name.startswith("image_encoder."),
                 channels_first=channels_first,
                 batchable=batchable,
+                follows=units[-1].name if chained else None,
             )
         )
     return units
