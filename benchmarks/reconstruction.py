@@ -120,7 +120,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
             for layer in unit.layers.values():
                 layer.weight_quantizer.start_adaround(layer.weight)
             module = UnitReconstruction(
-                unit, cache, max_steps=config.iters, drop_prob=config.drop_prob, seed=0
+                unit, cache, max_steps=config.iters, drop_prob=config.drop_prob, seed=0, compile=args.compile
             )
             module.batch_size = config.batch_size
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision.startswith("bf16")):
@@ -171,6 +171,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the unit's forward")
     parser.add_argument("--calib-videos", type=int, default=2)
     parser.add_argument("--calib-frames", type=int, default=4)
     parser.add_argument("--calib-images", type=int, default=4)
@@ -184,7 +185,8 @@ def main() -> None:
     total_hours = sum(FULL_ITERS / r["it_per_s"] for r in rows) / 3600
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     print(
-        f"\nSAM2.1-{args.size} at {args.image_size} px, batch {args.batch_size}, {args.precision}, on {name}"
+        f"\nSAM2.1-{args.size} at {args.image_size} px, batch {args.batch_size}, {args.precision}"
+        f"{', compiled' if args.compile else ''}, on {name}"
     )
     print(f"measured matmul peak: {peak:.1f} TFLOP/s")
     print("| unit | layers | samples | cache MiB | capture s | it/s | GFLOP/step | TFLOP/s | % of peak |")

@@ -135,3 +135,9 @@ def test_saved_and_reloaded_model_is_bit_identical(tmp_path, square_clip, observ
 def test_saving_a_float_model_is_refused(tmp_path, tiny_video_model):
     with pytest.raises(MQSAM2Error, match="not quantized"):
         save_quantized(tiny_video_model, tmp_path / "x.pt")
+
+
+def test_quantizers_are_created_on_the_layers_device():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(2, 2, 1)).to("meta")
+    quantize(model, QuantConfig(bits=4, keep_fp=()))
+    assert all(q.scale.device.type == "meta" for q in fake_quantizers(model).values())

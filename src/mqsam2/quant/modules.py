@@ -24,8 +24,9 @@ class QuantLayerMixin:
     weight_quantizer: WeightQuantizer
 
     def _init_quantizers(self, bits: int, act_bits: int | None) -> None:
-        self.weight_quantizer = WeightQuantizer(bits, self.weight.shape[0])
-        self.input_quantizer = ActQuantizer(act_bits) if act_bits is not None else None
+        device = self.weight.device
+        self.weight_quantizer = WeightQuantizer(bits, self.weight.shape[0]).to(device)
+        self.input_quantizer = ActQuantizer(act_bits).to(device) if act_bits is not None else None
 
     @property
     def bits(self) -> int:
@@ -106,8 +107,9 @@ class QuantAttentionMixin(nn.Module):
     attn_quantizer: ActQuantizer
 
     def init_attention_quantizers(self, bits: int) -> None:
+        device = next(self.parameters()).device
         for role in ("q", "k", "v", "attn"):
-            setattr(self, f"{role}_quantizer", ActQuantizer(bits))
+            setattr(self, f"{role}_quantizer", ActQuantizer(bits).to(device))
 
     def forward(self, *args, **kwargs):
         with _ExplicitAttention(self):

@@ -226,6 +226,7 @@ class Reconstructor:
             beta=BetaSchedule(phase.iters, self.config.beta_start, self.config.beta_end, self.config.warmup),
             seed=self.seed,
             check_finite_every=self.config.check_finite_every,
+            compile=self.config.compile,
         )
         module.batch_size = self.config.batch_size
         module.log_prefix = f"{unit.name}/{phase.name}/"

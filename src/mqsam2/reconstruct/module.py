@@ -85,9 +85,13 @@ class UnitReconstruction(L.LightningModule):
         beta: BetaSchedule | None = None,
         seed: int = 0,
         check_finite_every: int = 100,
+        compile: bool = False,
     ):
         super().__init__()
         self.unit_module = unit.module
+        self.home_device = next(unit.module.parameters()).device
+        # One fused kernel per fake-quant chain instead of ~10 memory passes each (the units are memory-bound).
+        self.forward_fn = torch.compile(unit.module, dynamic=True) if compile else unit.module
         self.unit = unit
         self.cache = cache
         self.max_steps = max_steps
@@ -123,7 +127,7 @@ class UnitReconstruction(L.LightningModule):
         batch = self.cache.batch(self.cache.indices(step, self.batch_size, rank_seed))
         inputs = mix_inputs(batch.inputs_q, batch.inputs_fp, self.drop_prob)
         args, kwargs = batch.unflatten(inputs)
-        outputs, _ = tree_flatten(self.unit_module(*args, **kwargs))
+        outputs, _ = tree_flatten(self.forward_fn(*args, **kwargs))
         rec = reconstruction_loss(outputs, batch.targets, self.unit.channels_first)
         loss = rec
         beta = self.beta(step)
@@ -165,7 +169,9 @@ class UnitReconstruction(L.LightningModule):
 
     @torch.no_grad()
     def finish(self) -> None:
-        """Harden every rounding variable of every layer in the unit and switch dropping off."""
+        """Harden every rounding variable of every layer in the unit and switch dropping off; the unit goes back
+        to the model's device (Lightning's teardown moves the fitted module to the CPU)."""
+        self.unit_module.to(self.home_device)
         for layer in self.unit.layers.values():
             layer.harden_rounding()
         for quantizer in self.unit.act_quantizers.values():
