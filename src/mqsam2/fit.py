@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -58,9 +59,7 @@ def wandb_logger(config: FitConfig, run_dir: Path):
 
     id_file = run_dir / "wandb_id.txt"
     if not id_file.exists() and rank_and_world()[0] == 0:
-        import wandb.util
-
-        id_file.write_text(wandb.util.generate_id())
+        id_file.write_text(uuid.uuid4().hex[:12])
     online = bool(os.environ.get("WANDB_API_KEY")) or os.environ.get("WANDB_MODE") == "online"
     return WandbLogger(
         project=config.logging.project,
