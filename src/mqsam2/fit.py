@@ -88,6 +88,8 @@ def run(config: FitConfig) -> dict:
     pipeline.stage_reconstruct(model, float_model, config, data.calibration, run_dir, loggers)
     report = pipeline.summary(run_dir)
     report["evaluation"] = pipeline.stage_evaluate(model, float_model, config, data, run_dir, loggers)
+    if config.export:
+        report["export"] = pipeline.stage_export(model, config, run_dir)
     report["seconds"] = round(time.perf_counter() - start, 1)
     log.info("done in %.1f s: %s", report["seconds"], run_dir)
     return report

@@ -28,6 +28,9 @@ from mqsam2.data import calibration_set, ensure_synth
 from mqsam2.distributed import rank_and_world
 from mqsam2.errors import MQSAM2Error
 from mqsam2.evaluate import evaluate_video_grid
+from mqsam2.export import export_model
+from mqsam2.export.card import bytes_table, card_paths, run_details
+from mqsam2.export.run import run_export_path, run_fp_bytes
 from mqsam2.importance import ImportanceCollector, read_importance, write_importance
 from mqsam2.metrics.coco import mask_map
 from mqsam2.models import build_sam2
@@ -368,6 +371,21 @@ def stage_evaluate(
             format_table(rows),
         )
     return results
+
+
+def stage_export(model: torch.nn.Module, config: FitConfig, run_dir: Path) -> dict:
+    """The deployable packed export and its model card in export/ (docs/export.md); rank 0 writes it. Its
+    card is written last, so a run stopped halfway through the export writes it again."""
+    path = run_export_path(run_dir)
+    card_json = card_paths(path)[1]
+    if card_json.exists():
+        log.info("export: reusing %s", path)
+        return json.loads(card_json.read_text())["bytes"]
+    if rank_and_world()[0] != 0:
+        return {}
+    card = export_model(model, path, run_details(config, run_dir), fp_bytes=run_fp_bytes(config))
+    log.info("export: %s\n%s", path, bytes_table(card))
+    return card["bytes"]
 
 
 def format_table(rows: list[dict]) -> str:
