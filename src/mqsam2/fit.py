@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -17,6 +18,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from mqsam2.config import FitConfig
 from mqsam2.distributed import launched_externally, rank_and_world, relaunch_with_torchrun, requested_devices
 from mqsam2.errors import MQSAM2Error
+from mqsam2.slurm import install_requeue_handler
 
 log = logging.getLogger("mqsam2")
 
@@ -51,16 +53,14 @@ def setup_logging() -> None:
 
 def wandb_logger(config: FitConfig, run_dir: Path):
     """One W&B run per run directory (its id is kept there, so restarts and requeues continue it); offline
-    unless an API key is configured."""
-    if not config.logging.wandb or os.environ.get("WANDB_MODE") == "disabled":
+    unless an API key is configured. Rank 0 alone logs, so only it needs the run (and the id file)."""
+    if not config.logging.wandb or os.environ.get("WANDB_MODE") == "disabled" or rank_and_world()[0] != 0:
         return None
     from lightning.pytorch.loggers import WandbLogger
 
     id_file = run_dir / "wandb_id.txt"
-    if not id_file.exists() and rank_and_world()[0] == 0:
-        import wandb.util
-
-        id_file.write_text(wandb.util.generate_id())
+    if not id_file.exists():
+        id_file.write_text(uuid.uuid4().hex[:8])
     online = bool(os.environ.get("WANDB_API_KEY")) or os.environ.get("WANDB_MODE") == "online"
     return WandbLogger(
         project=config.logging.project,
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         if nprocs > 1 and not launched_externally():
             relaunch_with_torchrun(nprocs, "mqsam2.fit")
         setup_logging()
+        install_requeue_handler()
         run(config)
     except MQSAM2Error as error:
         print(f"error: {error}", file=sys.stderr)

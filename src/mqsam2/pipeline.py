@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from mqsam2.allocation import allocate, plot_allocation, read_plan, write_plan
 from mqsam2.callbacks import EvaluationCallback
 from mqsam2.config import FitConfig
 from mqsam2.data import calibration_set, ensure_synth
-from mqsam2.distributed import rank_and_world
+from mqsam2.distributed import local_rank, rank_and_world
 from mqsam2.errors import MQSAM2Error
 from mqsam2.evaluate import evaluate_video_grid
 from mqsam2.export import export_model
@@ -112,7 +111,7 @@ def load_float_model(config: FitConfig) -> torch.nn.Module:
         else "cpu"
     )
     if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(local_rank())
     return build_sam2(
         model.size,
         model.checkpoint,
