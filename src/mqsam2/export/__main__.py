@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from mqsam2.errors import MQSAM2Error
-from mqsam2.export.card import bytes_table, run_details
+from mqsam2.export.card import bytes_table, card_paths, run_details
 from mqsam2.export.format import export_model
 from mqsam2.export.run import load_run, run_export_path, run_fp_bytes
 from mqsam2.quant.checkpoint import load_quantized
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except MQSAM2Error as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {out} (+ model card {out.with_suffix('').name}_card.md/.json)")
+    print(f"wrote {out} and its model card {', '.join(str(p) for p in card_paths(out))}")
     print(bytes_table(card))
     return 0
 

@@ -70,7 +70,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return name
 
 
-def _weight_entry(name: str, layer: nn.Module, payload: _Payload) -> tuple[dict, int, int]:
+def _weight_entry(name: str, layer: nn.Module, payload: _Payload) -> dict:
     quantizer = layer.weight_quantizer
     if not quantizer.initialized:
         raise MQSAM2Error(f"layer {name} was quantized but never calibrated: calibrate before exporting")
@@ -79,15 +79,13 @@ def _weight_entry(name: str, layer: nn.Module, payload: _Payload) -> tuple[dict,
             f"layer {name} still holds soft AdaRound rounding: finish its reconstruction unit (hardening) "
             "before exporting"
         )
-    codes = pack_codes(quantizer.codes(layer.weight.detach()), quantizer.bits)
-    entry = {
+    return {
         "bits": quantizer.bits,
         "shape": list(layer.weight.shape),
-        "codes": payload.add(codes),
+        "codes": payload.add(pack_codes(quantizer.codes(layer.weight.detach()), quantizer.bits)),
         "scale": payload.add(quantizer.scale.detach().float()),
         "zero_point": payload.add(_integer_zero_point(name, quantizer.zero_point)),
     }
-    return entry, entry["codes"][1], entry["scale"][1] + entry["zero_point"][1]
 
 
 def _integer_zero_point(name: str, zero_point: torch.Tensor) -> torch.Tensor:
@@ -130,15 +128,9 @@ def export_model(
         raise MQSAM2Error(
             "cannot export: the model does not record its SAM2 config; build it with build_sam2"
         )
-    state = model.state_dict()
     payload = _Payload()
-    weights, codes_bytes, param_bytes = {}, 0, 0
-    consumed = _quantizer_keys(model)
-    for name, layer in quantized_layers(model).items():
-        weights[name], codes, params = _weight_entry(name, layer, payload)
-        codes_bytes += codes
-        param_bytes += params
-        consumed.add(f"{name}.weight")
+    weights = {name: _weight_entry(name, layer, payload) for name, layer in quantized_layers(model).items()}
+    consumed = _quantizer_keys(model) | {f"{name}.weight" for name in weights}
     activations = {}
     for name, quantizer in model.named_modules():
         if isinstance(quantizer, ActQuantizer):
@@ -148,8 +140,8 @@ def export_model(
                 "zero_point": int(_integer_zero_point(name, quantizer.zero_point)),
                 "initialized": bool(quantizer.initialized),
             }
-    tensors, float_bytes = {}, 0
-    for key, tensor in state.items():
+    tensors = {}
+    for key, tensor in model.state_dict().items():
         if key in consumed:
             continue
         stored = tensor.to(float_dtype) if tensor.dtype == torch.float32 else tensor
@@ -158,7 +150,6 @@ def export_model(
             "shape": list(stored.shape),
             "data": payload.add(stored),
         }
-        float_bytes += tensors[key]["data"][1]
     header = {
         "format": FORMAT,
         "version": VERSION,
@@ -180,7 +171,12 @@ def export_model(
         for chunk in payload.chunks:
             stream.write(chunk)
     tmp.replace(path)
-    sizes = ExportBytes(len(header_bytes), codes_bytes, param_bytes, float_bytes)
+    sizes = ExportBytes(
+        header=len(header_bytes),
+        codes=sum(entry["codes"][1] for entry in weights.values()),
+        weight_params=sum(entry["scale"][1] + entry["zero_point"][1] for entry in weights.values()),
+        float_tensors=sum(entry["data"][1] for entry in tensors.values()),
+    )
     card = build_card(model, path, sizes, fp_bytes, card_extra)
     write_card(card, path)
     return card
