@@ -27,6 +27,15 @@ def rank_and_world() -> tuple[int, int]:
     return env.global_rank(), env.world_size()
 
 
+def local_rank() -> int:
+    """This process's index on its node (the GPU it uses): LOCAL_RANK under torchrun, SLURM_LOCALID under srun."""
+    if TorchElasticEnvironment.detect():
+        return TorchElasticEnvironment().local_rank()
+    if SLURMEnvironment.detect():
+        return SLURMEnvironment().local_rank()
+    return 0
+
+
 def processes_per_node() -> int:
     """Processes on this node as the launcher reports them (1 when not launched)."""
     if TorchElasticEnvironment.detect():

@@ -18,6 +18,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from mqsam2.config import FitConfig
 from mqsam2.distributed import launched_externally, rank_and_world, relaunch_with_torchrun, requested_devices
 from mqsam2.errors import MQSAM2Error
+from mqsam2.slurm import install_requeue_handler
 
 log = logging.getLogger("mqsam2")
 
@@ -52,13 +53,13 @@ def setup_logging() -> None:
 
 def wandb_logger(config: FitConfig, run_dir: Path):
     """One W&B run per run directory (its id is kept there, so restarts and requeues continue it); offline
-    unless an API key is configured."""
-    if not config.logging.wandb or os.environ.get("WANDB_MODE") == "disabled":
+    unless an API key is configured. Rank 0 alone logs, so only it needs the run (and the id file)."""
+    if not config.logging.wandb or os.environ.get("WANDB_MODE") == "disabled" or rank_and_world()[0] != 0:
         return None
     from lightning.pytorch.loggers import WandbLogger
 
     id_file = run_dir / "wandb_id.txt"
-    if not id_file.exists() and rank_and_world()[0] == 0:
+    if not id_file.exists():
         id_file.write_text(uuid.uuid4().hex[:12])
     online = bool(os.environ.get("WANDB_API_KEY")) or os.environ.get("WANDB_MODE") == "online"
     return WandbLogger(
@@ -87,6 +88,8 @@ def run(config: FitConfig) -> dict:
     pipeline.stage_reconstruct(model, float_model, config, data.calibration, run_dir, loggers)
     report = pipeline.summary(run_dir)
     report["evaluation"] = pipeline.stage_evaluate(model, float_model, config, data, run_dir, loggers)
+    if config.export:
+        report["export"] = pipeline.stage_export(model, config, run_dir)
     report["seconds"] = round(time.perf_counter() - start, 1)
     log.info("done in %.1f s: %s", report["seconds"], run_dir)
     return report
@@ -100,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         if nprocs > 1 and not launched_externally():
             relaunch_with_torchrun(nprocs, "mqsam2.fit")
         setup_logging()
+        install_requeue_handler()
         run(config)
     except MQSAM2Error as error:
         print(f"error: {error}", file=sys.stderr)

@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +24,12 @@ from mqsam2.allocation import allocate, plot_allocation, read_plan, write_plan
 from mqsam2.callbacks import EvaluationCallback
 from mqsam2.config import FitConfig
 from mqsam2.data import calibration_set, ensure_synth
-from mqsam2.distributed import rank_and_world
+from mqsam2.distributed import local_rank, rank_and_world
 from mqsam2.errors import MQSAM2Error
 from mqsam2.evaluate import evaluate_video_grid
+from mqsam2.export import export_model
+from mqsam2.export.card import bytes_table, card_paths, run_details
+from mqsam2.export.run import run_export_path, run_fp_bytes
 from mqsam2.importance import ImportanceCollector, read_importance, write_importance
 from mqsam2.metrics.coco import mask_map
 from mqsam2.models import build_sam2
@@ -109,7 +111,7 @@ def load_float_model(config: FitConfig) -> torch.nn.Module:
         else "cpu"
     )
     if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(local_rank())
     return build_sam2(
         model.size,
         model.checkpoint,
@@ -368,6 +370,21 @@ def stage_evaluate(
             format_table(rows),
         )
     return results
+
+
+def stage_export(model: torch.nn.Module, config: FitConfig, run_dir: Path) -> dict:
+    """The deployable packed export and its model card in export/ (docs/export.md); rank 0 writes it. Its
+    card is written last, so a run stopped halfway through the export writes it again."""
+    path = run_export_path(run_dir)
+    card_json = card_paths(path)[1]
+    if card_json.exists():
+        log.info("export: reusing %s", path)
+        return json.loads(card_json.read_text())["bytes"]
+    if rank_and_world()[0] != 0:
+        return {}
+    card = export_model(model, path, run_details(config, run_dir), fp_bytes=run_fp_bytes(config))
+    log.info("export: %s\n%s", path, bytes_table(card))
+    return card["bytes"]
 
 
 def format_table(rows: list[dict]) -> str:

@@ -51,12 +51,15 @@ def save_quantized(model: nn.Module, path: str | Path) -> Path:
     return path
 
 
+def quant_config_from_dict(quant: dict) -> QuantConfig:
+    """The inverse of `quant_config_dict`."""
+    return QuantConfig(**{**quant, "keep_fp": tuple(quant["keep_fp"])})
+
+
 def rebuild_quantized(spec: dict, quant: dict, device: str | torch.device = "cpu") -> nn.Module:
     """An uncalibrated quantized model with exactly the saved module tree, ready for `load_state_dict`."""
     model = build_architecture(spec["sam2_config"], spec["image_size"], spec["video"])
-    quant = dict(quant)
-    quant["keep_fp"] = tuple(quant["keep_fp"])
-    return quantize(model, QuantConfig(**quant)).to(device)
+    return quantize(model, quant_config_from_dict(quant)).to(device)
 
 
 def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
