@@ -56,9 +56,11 @@ class AllocationConfig:
 
 @dataclass
 class ReconstructionConfig:
-    """Block-wise reconstruction (method.md §5); `iters` per unit, Lightning Trainer settings alongside."""
+    """Block-wise reconstruction (method.md §5); `iters` per unit, Lightning Trainer settings alongside;
+    `units` limits it to the named units (the others keep round-to-nearest)."""
 
     mode: str = "qdrop"
+    units: list[str] | None = None
     iters: int = 20_000
     act_iters: int | None = None
     batch_size: int = 8

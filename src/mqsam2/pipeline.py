@@ -275,7 +275,14 @@ def stage_reconstruct(
         log.info("reconstruction: mode none (calibration only)")
         return
     reconstructor = Reconstructor(
-        model, float_model, workload, config.reconstruction, run_dir, loggers, seed=config.seed
+        model,
+        float_model,
+        workload,
+        config.reconstruction,
+        run_dir,
+        loggers,
+        seed=config.seed,
+        only=config.reconstruction.units,
     )
     log.info("reconstruction: %s over %d units", config.reconstruction.mode, len(reconstructor.units))
     reconstructor.run()

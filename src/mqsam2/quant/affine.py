@@ -67,7 +67,19 @@ def fake_quantize(
 ) -> torch.Tensor:
     """Quantize-dequantize with a straight-through round: gradients reach x inside the range and the scale
     (the LSQ estimator), so the same function serves calibration, reconstruction and evaluation."""
+    return fake_quantize_to(x, scale, zero_point, qmax(bits), axis)
+
+
+def fake_quantize_to(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    upper: int | torch.Tensor,
+    axis: int | None = None,
+) -> torch.Tensor:
+    """`fake_quantize` with the top code given directly; as a tensor it keeps compiled kernels generic over
+    bit-widths."""
     scale_b = _broadcast(scale, x, axis)
     zero_b = _broadcast(zero_point, x, axis)
-    codes = torch.clamp(_round_ste(x * (1.0 / scale_b)) + zero_b, 0, qmax(bits))
+    codes = torch.clamp(_round_ste(x * (1.0 / scale_b)) + zero_b, 0, upper)
     return ((codes - zero_b) * scale_b).to(x.dtype)

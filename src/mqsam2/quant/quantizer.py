@@ -15,6 +15,7 @@ from mqsam2.quant.affine import (
     check_bits,
     dequantize_affine,
     fake_quantize,
+    fake_quantize_to,
     params_from_range,
     qmax,
     quantize_affine,
@@ -84,12 +85,15 @@ class FakeQuantizer(nn.Module):
 
 
 def _training_fake_quantize(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, drop_prob: float
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    upper: torch.Tensor,
+    drop_prob: torch.Tensor,
 ) -> torch.Tensor:
-    x_q = fake_quantize(x, scale, zero_point, bits)
-    if drop_prob > 0:
-        return torch.where(torch.rand_like(x, dtype=torch.float32) < drop_prob, x, x_q)
-    return x_q
+    """Fake-quant with QDrop's bypass; widths and drop rate are tensors so one compiled kernel serves all."""
+    x_q = fake_quantize_to(x, scale, zero_point, upper)
+    return torch.where(torch.rand_like(x, dtype=torch.float32) < drop_prob, x, x_q)
 
 
 # On the GPU, reconstruction is memory-bound on activation fake-quant (about ten elementwise passes each way);
@@ -118,8 +122,21 @@ class ActQuantizer(FakeQuantizer):
         self._check_ready()
         if not torch.is_grad_enabled():
             return fake_quantize(x, self.scale, self.zero_point, self.bits)
+        if self.drop_prob == 0 and not x.is_cuda:
+            return fake_quantize(x, self.scale, self.zero_point, self.bits)
         train = _fused_training_fake_quantize if x.is_cuda else _training_fake_quantize
-        return train(x, self.scale, self.zero_point, self.bits, self.drop_prob)
+        return train(x, self.scale, self.zero_point, *self._training_constants(x.device))
+
+    def _training_constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(top code, drop rate) as device tensors, made once rather than copied to the device every step."""
+        key = (device, self.bits, self.drop_prob)
+        if getattr(self, "_constants_key", None) != key:
+            self._constants = (
+                torch.tensor(float(qmax(self.bits)), device=device),
+                torch.tensor(float(self.drop_prob), device=device),
+            )
+            self._constants_key = key
+        return self._constants
 
 
 class WeightQuantizer(FakeQuantizer):
