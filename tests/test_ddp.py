@@ -1,0 +1,48 @@
+"""Reconstruction under DDP on CPU (gloo, started by the fit CLI through torchrun) against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+UNIT = "memory_attention.layers.0"
+
+
+def _fit(tmp_path, devices: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"}
+    command = [
+        sys.executable, "-m", "mqsam2.fit", "--config", "configs/demo.yaml",
+        "--name", f"ddp{devices}", "--run_root", str(tmp_path),
+        "--data.root", str(tmp_path / "data"),
+        "--reconstruction.units", f"[{UNIT}]", "--reconstruction.iters", "40",
+        "--reconstruction.batch_size", "2", "--reconstruction.devices", str(devices),
+        "--evaluation.enabled", "false", "--export", "false",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_dir = tmp_path / f"ddp{devices}"
+    record = json.loads((run_dir / "units.jsonl").read_text().splitlines()[0])
+    state = torch.load(run_dir / "units" / UNIT / "qdrop.pt")
+    return {"record": record, "state": state}
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process(tmp_path):
+    """Two ranks each hold one calibration clip and draw their own batches, so the runs see the same data but
+    not the same batch sequence: the learned codes cannot be bit-identical. Measured here: 99.87 % of the
+    hardened weights agree and the output errors after reconstruction are 15.53 and 15.69 (1 % apart; the
+    2-process figure is measured on rank 0's clip). We require 97 % and 10 %, which a run whose ranks fit only
+    their own clip, or whose gradients were not averaged, would not meet."""
+    one, two = _fit(tmp_path, 1), _fit(tmp_path, 2)
+    assert (one["record"]["world_size"], two["record"]["world_size"]) == (1, 2)
+    weights = [k for k in one["state"] if k.endswith(".weight") and one["state"][k].ndim >= 2]
+    same = sum(torch.eq(one["state"][k], two["state"][k]).sum().item() for k in weights)
+    total = sum(one["state"][k].numel() for k in weights)
+    assert same / total > 0.97
+    errors = one["record"]["error_after"], two["record"]["error_after"]
+    assert abs(errors[0] - errors[1]) / errors[0] < 0.10, errors
