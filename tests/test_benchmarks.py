@@ -1,0 +1,65 @@
+"""Every benchmark script runs at toy size on the CPU and prints its table (smoke tests: no timing asserts)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+def _run(script: str, *args: str, tmp_path: Path) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "WANDB_MODE": "disabled"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "expect"),
+    [
+        ("allocation.py", ["--sizes", "t", "--repeats", "1"], "| SAM2.1-t | 169 |"),
+        (
+            "data.py",
+            ["--videos", "2", "--frames", "2", "--size", "128", "--clips", "2", "--workers", "0"],
+            "| 0 |",
+        ),
+        ("memory.py", ["--frames", "12", "--image-size", "64", "--memory-every", "4"], "sis+free"),
+        (
+            "reconstruction.py",
+            [
+                "--image-size",
+                "64",
+                "--units",
+                "image_encoder.trunk.blocks.1",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--batch-size",
+                "2",
+                "--calib-videos",
+                "1",
+                "--calib-frames",
+                "2",
+                "--calib-images",
+                "1",
+            ],
+            "projected: 1 units",
+        ),
+    ],
+    ids=["allocation", "data", "memory", "reconstruction"],
+)
+def test_benchmark_runs_at_toy_size(script, args, expect, tmp_path):
+    assert expect in _run(script, *args, tmp_path=tmp_path)
