@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     runs = {}
     with autocast:
-        for name, (policy, options) in POLICIES.items():
+        for name in args.policies:
+            policy, options = POLICIES[name]
             model = build_sam2(
                 args.size,
                 image_size=args.image_size,
@@ -97,6 +98,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
                 "frames": model.propagate_in_video(state),
                 "latency": [],
                 "held": [],
+                "gpu": [],
                 "j": [],
                 "f": [],
             }
@@ -109,13 +111,26 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
                 r["latency"].append(time.perf_counter() - start)
                 if t % args.memory_every == 0 or t == args.frames - 1:
                     r["held"].append(state_nbytes(r["state"]))
+                    if device.type == "cuda":
+                        r["gpu"].append(torch.cuda.memory_allocated(device))
             for name, r in runs.items():
-                r["j"].append(float(region_similarity(masks[name], masks["fifo"])))
-                r["f"].append(float(boundary_f_measure(masks[name], masks["fifo"])))
+                if "fifo" in masks:
+                    r["j"].append(float(region_similarity(masks[name], masks["fifo"])))
+                    r["f"].append(float(boundary_f_measure(masks[name], masks["fifo"])))
+            if args.progress_every and t % args.progress_every == 0:
+                print(
+                    f"frame {t}: "
+                    + ", ".join(
+                        f"{name} {1e3 * r['latency'][-1]:.1f} ms, state {r['held'][-1] / 2**20:.1f} MiB"
+                        + (f", GPU {r['gpu'][-1] / 2**20:.0f} MiB" if r["gpu"] else "")
+                        for name, r in runs.items()
+                    ),
+                    flush=True,
+                )
     summary = {}
     for name, r in runs.items():
         lat = [x * 1e3 for x in r["latency"][1:]]  # frame 0 is the prompt frame: no tracking
-        j, f = statistics.fmean(r["j"][1:]), statistics.fmean(r["f"][1:])
+        j, f = (statistics.fmean(r[k][1:]) if r[k] else float("nan") for k in ("j", "f"))
         summary[name] = {
             "ms_mean": statistics.fmean(lat),
             "ms_p50": statistics.median(lat),
@@ -123,6 +138,8 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             "ms_last100": statistics.fmean(lat[-100:]),
             "held_mb_end": r["held"][-1] / 2**20,
             "held_mb_max": max(r["held"]) / 2**20,
+            "gpu_mb_start": r["gpu"][0] / 2**20 if r["gpu"] else float("nan"),
+            "gpu_mb_end": r["gpu"][-1] / 2**20 if r["gpu"] else float("nan"),
             "jf_vs_fifo": (j + f) / 2,
         }
     return summary
@@ -140,6 +157,14 @@ def main() -> None:
     parser.add_argument("--size", default="t", help="SAM2 size: t, s, b+, l (random init)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--memory-every", type=int, default=50, help="measure held memory every N frames")
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        choices=list(POLICIES),
+        default=list(POLICIES),
+        help="J&F is scored against fifo when it runs; GPU memory is per process, so run one policy for it",
+    )
+    parser.add_argument("--progress-every", type=int, default=0, help="print a progress line every N frames")
     args = parser.parse_args()
     device = (
         torch.cuda.get_device_name()
@@ -150,12 +175,16 @@ def main() -> None:
         f"SAM2.1-{args.size} random init, {args.frames} frames at {args.image_size} px, {device}, torch {torch.__version__}"
     )
     summary = run(args)
-    print("| policy | ms/frame mean | p50 | p95 | last 100 | held MB (end) | held MB (max) | J&F vs fifo |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| policy | ms/frame mean | p50 | p95 | last 100 | held MB (end) | held MB (max) | GPU MB start | GPU MB end "
+        "| J&F vs fifo |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, s in summary.items():
         print(
             f"| {name} | {s['ms_mean']:.1f} | {s['ms_p50']:.1f} | {s['ms_p95']:.1f} | {s['ms_last100']:.1f} | "
-            f"{s['held_mb_end']:.2f} | {s['held_mb_max']:.2f} | {s['jf_vs_fifo']:.4f} |"
+            f"{s['held_mb_end']:.2f} | {s['held_mb_max']:.2f} | {s['gpu_mb_start']:.0f} | {s['gpu_mb_end']:.0f} | "
+            f"{s['jf_vs_fifo']:.4f} |"
         )
 
 
