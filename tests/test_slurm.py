@@ -144,7 +144,7 @@ TIMEOUT = 900
 @pytest.fixture(scope="module")
 def cluster_env():
     """Start (or reuse) the local cluster; skip, printing why, when Slurm cannot run here."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "WANDB_SERVICE"}
     env |= {"SLURM_CONF": str(SLURM_DIR / "slurm.conf"), "MQSAM2_SLURM_DIR": str(SLURM_DIR)}
     start = subprocess.run(
         ["bash", str(REPO / "tests" / "slurm" / "start_cluster.sh")],
