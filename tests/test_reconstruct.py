@@ -169,3 +169,28 @@ def test_chained_block_cache_equals_a_fresh_capture(calibrated, workload, tmp_pa
     for chained_tensors, fresh_tensors in pairs:
         for x, y in zip(chained_tensors, fresh_tensors, strict=True):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+def test_non_finite_loss_stops_the_unit_and_keeps_the_last_good_checkpoint(calibrated, workload, tmp_path):
+    from mqsam2.errors import MQSAM2Error
+
+    class PoisonTargets(L.Callback):
+        def on_train_batch_start(self, trainer, module, *args):
+            if trainer.global_step == 12:
+                for call in module.cache.float:
+                    call.outputs = [x.clone().fill_(float("nan")) for x in call.outputs]
+
+    reconstructor = _reconstructor(
+        calibrated, workload, tmp_path, ["obj_ptr_tpos_proj"], callbacks=[PoisonTargets()],
+        iters=30, checkpoint_every=5, check_finite_every=5,
+    )  # fmt: skip
+    with pytest.raises(
+        MQSAM2Error, match=r"unit obj_ptr_tpos_proj: .* non-finite by step 15; the last good checkpoint"
+    ):
+        reconstructor.run()
+    checkpoint = torch.load(
+        tmp_path / "units" / "obj_ptr_tpos_proj" / "qdrop" / "last.ckpt", weights_only=False
+    )
+    assert checkpoint["global_step"] == 10
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
+    assert not (tmp_path / "units" / "obj_ptr_tpos_proj" / "qdrop.pt").exists()

@@ -145,10 +145,19 @@ class UnitReconstruction(L.LightningModule):
 
     def _check_finite(self, loss: torch.Tensor, step: int) -> None:
         if not torch.isfinite(loss):
-            raise MQSAM2Error(
-                f"unit {self.unit.name}: loss became {loss.item()} at step {step}; the last good checkpoint is "
-                "kept: lower reconstruction.lr_act / lr_rounding or check the calibration data, then resume"
-            )
+            raise self._non_finite(f"its loss ({loss.item()})", step)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse to write a checkpoint with non-finite learned values, so the last one on disk stays good."""
+        bad = [name for name, p in self.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            raise self._non_finite(f"{len(bad)} learned tensor(s) ({bad[0]})", self.global_step)
+
+    def _non_finite(self, what: str, step: int) -> MQSAM2Error:
+        return MQSAM2Error(
+            f"unit {self.unit.name}: {what} became non-finite by step {step}; the last good checkpoint is kept: "
+            "lower reconstruction.lr_act / lr_rounding or check the calibration data, then resume"
+        )
 
     def configure_optimizers(self):
         groups = []
