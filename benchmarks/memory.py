@@ -20,11 +20,11 @@ from contextlib import nullcontext
 
 import torch
 
+from mqsam2.data.loaders import IMAGENET_MEAN, IMAGENET_STD
 from mqsam2.memory import Prompt
 from mqsam2.memory.predictor import state_nbytes
 from mqsam2.metrics import boundary_f_measure, region_similarity
 from mqsam2.models import build_sam2
-from mqsam2.overlays import IMAGE_MEAN, IMAGE_STD
 
 POLICIES = {"fifo": ("fifo", {}), "sis": ("sis", {}), "sis+free": ("sis", {"free_evicted": True})}
 
@@ -44,8 +44,8 @@ class SyntheticStream:
         self.background = torch.nn.functional.interpolate(coarse, size=video_size, mode="bilinear")[0].to(
             device
         )
-        self.mean = torch.tensor(IMAGE_MEAN, device=device).view(3, 1, 1)
-        self.std = torch.tensor(IMAGE_STD, device=device).view(3, 1, 1)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
 
     def __len__(self) -> int:
         return self.num_frames

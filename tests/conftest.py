@@ -7,12 +7,14 @@ import os
 import pytest
 import torch
 
+from mqsam2.data.loaders import IMAGENET_MEAN, IMAGENET_STD
+
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 IMAGE_SIZE = 256
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
 @pytest.fixture

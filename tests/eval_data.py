@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mqsam2.data import ImageSample, VideoClip
-from mqsam2.overlays import IMAGE_MEAN, IMAGE_STD
+from mqsam2.data.loaders import IMAGENET_MEAN, IMAGENET_STD
 
 EVAL_IMAGE_SIZE = 64  # the smallest size sam2's configs allow: keeps every tracking test in seconds on a CPU
 
@@ -13,7 +13,7 @@ EVAL_IMAGE_SIZE = 64  # the smallest size sam2's configs allow: keeps every trac
 def normalise(rgb: torch.Tensor, size: int) -> torch.Tensor:
     """[T, 3, H, W] in [0, 1] -> sam2's input: resized to size x size and normalised."""
     resized = torch.nn.functional.interpolate(rgb, size=(size, size), mode="bilinear", align_corners=False)
-    return (resized - torch.tensor(IMAGE_MEAN).view(3, 1, 1)) / torch.tensor(IMAGE_STD).view(3, 1, 1)
+    return (resized - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
 def moving_boxes(num_frames: int, height: int, width: int, num_objects: int, seed: int) -> torch.Tensor:

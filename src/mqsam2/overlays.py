@@ -12,15 +12,13 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from torch import Tensor
 
-# sam2's input normalisation (SAM2VideoPredictor.init_state / SAM2Transforms): undone to show the frames.
-IMAGE_MEAN = (0.485, 0.456, 0.406)
-IMAGE_STD = (0.229, 0.224, 0.225)
+from mqsam2.data.loaders import IMAGENET_MEAN, IMAGENET_STD
 
 
 def to_rgb(frame: Tensor, size: tuple[int, int]) -> np.ndarray:
-    """A normalised [3, S, S] frame as uint8 [H, W, 3] at the video's resolution."""
-    mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGE_STD).view(3, 1, 1)
+    """A normalised [3, S, S] frame as uint8 [H, W, 3] at the video's resolution (sam2's normalisation undone)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     image = (frame.float().cpu() * std + mean).clamp(0, 1)
     image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
     return (image.permute(1, 2, 0) * 255).round().byte().numpy()
