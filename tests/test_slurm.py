@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from mqsam2 import slurm
-from mqsam2.distributed import local_rank, processes_per_node, rank_and_world
+from mqsam2.distributed import local_rank, processes_per_node, rank_and_world, trainer_layout
 from mqsam2.reconstruct.driver import newest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,6 +48,14 @@ def test_rank_world_and_local_rank_come_from_slurm(srun_task):
     assert rank_and_world() == (5, 8)
     assert processes_per_node() == 4
     assert local_rank() == 1
+
+
+def test_trainers_join_the_launched_processes(srun_task):
+    """Reconstruction and evaluation Trainers take 2 nodes x 4 devices from srun's 8 tasks, 4 per node."""
+    assert trainer_layout() == {"devices": 4, "num_nodes": 2, "strategy": "ddp"}
+    for name in [k for k in os.environ if k.startswith("SLURM_")]:
+        srun_task.delenv(name)
+    assert trainer_layout() == {"devices": 1, "num_nodes": 1, "strategy": "auto"}
 
 
 def test_tasks_per_node_falls_back_to_the_task_count(srun_task):

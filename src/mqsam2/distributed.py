@@ -45,6 +45,19 @@ def processes_per_node() -> int:
     return 1
 
 
+def trainer_layout(strategy: str = "auto") -> dict:
+    """`devices`, `num_nodes` and `strategy` for a Trainer that joins the processes the launcher started."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return {"devices": 1, "num_nodes": 1, "strategy": strategy}
+    per_node = processes_per_node()
+    return {
+        "devices": per_node,
+        "num_nodes": world // per_node,
+        "strategy": "ddp" if strategy == "auto" else strategy,
+    }
+
+
 def requested_devices(accelerator: str, devices: int | str) -> int:
     """How many processes a single-node run should use for the Trainer settings in the config."""
     if devices != "auto":

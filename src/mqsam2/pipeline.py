@@ -24,7 +24,7 @@ from mqsam2.allocation import allocate, plot_allocation, read_plan, write_plan
 from mqsam2.callbacks import EvaluationCallback
 from mqsam2.config import FitConfig
 from mqsam2.data import calibration_set, ensure_synth
-from mqsam2.distributed import local_rank, rank_and_world
+from mqsam2.distributed import local_rank, rank_and_world, trainer_layout
 from mqsam2.errors import MQSAM2Error
 from mqsam2.evaluate import evaluate_video_grid
 from mqsam2.export import export_model
@@ -343,7 +343,7 @@ def stage_evaluate(
     )
     trainer = L.Trainer(
         accelerator=config.reconstruction.accelerator,
-        devices=1,
+        **trainer_layout(config.reconstruction.strategy),
         logger=[CSVLogger(run_dir, name="eval", version=""), *loggers],
         callbacks=[callback],
         enable_model_summary=False,
@@ -351,6 +351,8 @@ def stage_evaluate(
     )
     trainer.validate(EvaluationModule(model, float_model), DataLoader([0]), verbose=False)
     validation = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if rank_and_world()[0] != 0:  # the comparison table is a report: one rank builds it
+        return {"validation": validation}
     models = {"FP": float_model}
     for bits in cfg.baselines:
         models[f"W{bits}A{bits} ({config.quant.act_observer})"] = uniform_baseline(
@@ -370,12 +372,9 @@ def stage_evaluate(
                 if row["model"] == name:
                     row |= {"mAP": stats["mAP"], "fidelity/mAP": fidelity["mAP"]}
     results = {"validation": validation, "table": rows}
-    if rank_and_world()[0] == 0:
-        _write_atomic(run_dir / "metrics.json", json.dumps(results, indent=1) + "\n")
-        log.info(
-            "evaluation (validation set, random-init weights score against synthetic labels):\n%s",
-            format_table(rows),
-        )
+    _write_atomic(run_dir / "metrics.json", json.dumps(results, indent=1) + "\n")
+    caveat = "" if config.model.checkpoint else "; random-init weights: only the 'vs FP' columns mean something"
+    log.info("evaluation (validation set%s):\n%s", caveat, format_table(rows))
     return results
 
 

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mqsam2.config import ReconstructionConfig
-from mqsam2.distributed import processes_per_node, rank_and_world
+from mqsam2.distributed import rank_and_world, trainer_layout
 from mqsam2.errors import MQSAM2Error
 from mqsam2.reconstruct.cache import UnitCache, capture_unit, chain_cache
 from mqsam2.reconstruct.module import UnitReconstruction, unit_error
@@ -180,9 +180,6 @@ class Reconstructor:
 
     def _trainer(self, phase_dir: Path, iters: int, attempt: str) -> L.Trainer:
         config = self.config
-        nodes = max(self.world_size // processes_per_node(), 1)
-        devices = processes_per_node() if self.world_size > 1 else 1
-        strategy = "ddp" if self.world_size > 1 and config.strategy == "auto" else config.strategy
         loggers = [CSVLogger(phase_dir, name="logs", version=attempt), *self.loggers]
         checkpoint = ModelCheckpoint(
             dirpath=phase_dir, every_n_train_steps=config.checkpoint_every, save_last=True, save_top_k=0
@@ -190,9 +187,7 @@ class Reconstructor:
         return L.Trainer(
             max_steps=iters,
             accelerator=config.accelerator,
-            devices=devices,
-            num_nodes=nodes,
-            strategy=strategy,
+            **trainer_layout(config.strategy),
             precision=config.precision,
             logger=loggers,
             callbacks=[checkpoint, progress_bar(iters), *self.callbacks],
