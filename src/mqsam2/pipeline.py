@@ -373,7 +373,9 @@ def stage_evaluate(
                     row |= {"mAP": stats["mAP"], "fidelity/mAP": fidelity["mAP"]}
     results = {"validation": validation, "table": rows}
     _write_atomic(run_dir / "metrics.json", json.dumps(results, indent=1) + "\n")
-    caveat = "" if config.model.checkpoint else "; random-init weights: only the 'vs FP' columns mean something"
+    caveat = (
+        "" if config.model.checkpoint else "; random-init weights: only the 'vs FP' columns mean something"
+    )
     log.info("evaluation (validation set%s):\n%s", caveat, format_table(rows))
     return results
 
