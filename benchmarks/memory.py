@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
                 print(
                     f"frame {t}: "
                     + ", ".join(
-                        f"{name} {1e3 * r['latency'][-1]:.1f} ms, state {r['held'][-1] / 2**20:.1f} MiB"
+                        f"{name} {1e3 * statistics.fmean(r['latency'][-args.progress_every :]):.1f} ms/frame "
+                        f"(mean of the last {min(t + 1, args.progress_every)}), state {r['held'][-1] / 2**20:.1f} MiB"
                         + (f", GPU {r['gpu'][-1] / 2**20:.0f} MiB" if r["gpu"] else "")
                         for name, r in runs.items()
                     ),
