@@ -75,9 +75,10 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
 
 def step_flops(module: UnitReconstruction) -> int:
     """Forward + backward FLOPs of one training step (matmuls and convolutions, as FlopCounterMode counts)."""
+    batch = module.cache.batch(module.cache.indices(0, module.batch_size, module.seed))
     with FlopCounterMode(display=False) as counter:
-        loss = module.training_step(0, 0)
-        loss.backward()
+        rec, reg = module.loss_terms(batch, module.beta(module.max_steps - 1))
+        (rec if reg is None else rec + module.reg_weight * reg).backward()
     module.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
@@ -120,7 +121,13 @@ def measure(args: argparse.Namespace) -> list[dict]:
             for layer in unit.layers.values():
                 layer.weight_quantizer.start_adaround(layer.weight)
             module = UnitReconstruction(
-                unit, cache, max_steps=config.iters, drop_prob=config.drop_prob, seed=0, compile=args.compile
+                unit,
+                cache,
+                max_steps=config.iters,
+                drop_prob=config.drop_prob,
+                seed=0,
+                compile=args.compile,
+                cuda_graphs=args.cuda_graphs,
             )
             module.batch_size = config.batch_size
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision.startswith("bf16")):
@@ -172,6 +179,12 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the unit's forward")
+    parser.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="replay each step's forward and backward from CUDA graphs (GPU only)",
+    )
     parser.add_argument("--calib-videos", type=int, default=2)
     parser.add_argument("--calib-frames", type=int, default=4)
     parser.add_argument("--calib-images", type=int, default=4)
@@ -186,7 +199,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     print(
         f"\nSAM2.1-{args.size} at {args.image_size} px, batch {args.batch_size}, {args.precision}"
-        f"{', compiled' if args.compile else ''}, on {name}"
+        f"{', compiled' if args.compile else ''}{', CUDA graphs' if args.cuda_graphs else ''}, on {name}"
     )
     print(f"measured matmul peak: {peak:.1f} TFLOP/s")
     print("| unit | layers | samples | cache MiB | capture s | it/s | GFLOP/step | TFLOP/s | % of peak |")

@@ -45,3 +45,12 @@ def _moving_square_clip(frames: int = 6, size: int = IMAGE_SIZE, seed: int = 0):
 @pytest.fixture
 def square_clip():
     return _moving_square_clip()
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -79,6 +79,7 @@ class ReconstructionConfig:
     precision: str = "32-true"
     cache_device: str = "auto"
     compile: bool = False
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in UNIT_MODES:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +103,25 @@ class Batch:
     def unflatten(self, leaves: list[Any]) -> tuple[tuple, dict]:
         return tree_unflatten(leaves, self.input_spec)
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the batch (quantized inputs, float inputs, targets) in a fixed order."""
+        return [x for x in (*self.inputs_q, *self.inputs_fp, *self.targets) if isinstance(x, torch.Tensor)]
+
+    def with_tensors(self, tensors: Sequence[torch.Tensor]) -> Batch:
+        """The same batch with its tensors replaced, in the order of `tensors()` (CUDA graphs feed their own)."""
+        supply = iter(tensors)
+
+        def refill(leaves: list[Any]) -> list[Any]:
+            return [next(supply) if isinstance(x, torch.Tensor) else x for x in leaves]
+
+        return Batch(
+            refill(self.inputs_q),
+            refill(self.inputs_fp),
+            self.input_spec,
+            refill(self.targets),
+            self.output_spec,
+        )
+
 
 class UnitCache:
     """Samples of one unit, grouped by signature; batches are drawn deterministically from a step number."""
@@ -126,6 +145,10 @@ class UnitCache:
         for index, call in enumerate(quant_calls):
             groups.setdefault(_signature(call), []).append(index)
         self.groups = list(groups.values())
+        self.group_of = [0] * len(quant_calls)
+        for group_index, members in enumerate(self.groups):
+            for index in members:
+                self.group_of[index] = group_index
         self.group_sizes = torch.tensor([len(g) for g in self.groups], dtype=torch.float64)
 
     def __len__(self) -> int:

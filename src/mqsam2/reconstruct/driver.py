@@ -222,6 +222,7 @@ class Reconstructor:
             seed=self.seed,
             check_finite_every=self.config.check_finite_every,
             compile=self.config.compile,
+            cuda_graphs=self.config.cuda_graphs and self.world_size == 1,
         )
         module.batch_size = self.config.batch_size
         module.log_prefix = f"{unit.name}/{phase.name}/"

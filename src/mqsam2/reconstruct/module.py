@@ -10,10 +10,11 @@ import math
 
 import lightning as L
 import torch
+from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from mqsam2.errors import MQSAM2Error
-from mqsam2.reconstruct.cache import UnitCache
+from mqsam2.reconstruct.cache import Batch, UnitCache
 from mqsam2.reconstruct.rounding import BetaSchedule, hardened_fraction, rounding_regularizer
 from mqsam2.reconstruct.units import Unit
 
@@ -86,6 +87,7 @@ class UnitReconstruction(L.LightningModule):
         seed: int = 0,
         check_finite_every: int = 100,
         compile: bool = False,
+        cuda_graphs: bool = False,
     ):
         super().__init__()
         self.unit_module = unit.module
@@ -104,6 +106,11 @@ class UnitReconstruction(L.LightningModule):
         self.beta = beta or BetaSchedule(max_steps)
         self.seed = seed
         self.check_finite_every = check_finite_every
+        # Graphs live outside the module tree so checkpoints look the same with and without them.
+        self.cuda_graphs = cuda_graphs
+        self._graphs: dict[int, nn.Module] = {}
+        self._graph_pool = None
+        self._step_scalars: tuple[torch.Tensor, torch.Tensor] | None = None
         self.batch_size = 1
         self.log_prefix = ""
         for parameter in self.unit_module.parameters():
@@ -120,28 +127,74 @@ class UnitReconstruction(L.LightningModule):
     def soft_roundings(self) -> list[torch.Tensor]:
         return [layer.weight_quantizer.soft_rounding() for layer in self.unit.layers.values()]
 
-    def training_step(self, batch_index, _):
-        step = self.global_step
-        rank_seed = self.seed + 7919 * self.global_rank
-        torch.manual_seed(rank_seed * 1_000_003 + step)
-        batch = self.cache.batch(self.cache.indices(step, self.batch_size, rank_seed))
+    def loss_terms(
+        self, batch: Batch, beta: float | torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(reconstruction loss, rounding regulariser or None) of one batch: the math of a step."""
         inputs = mix_inputs(batch.inputs_q, batch.inputs_fp, self.drop_prob)
         args, kwargs = batch.unflatten(inputs)
         outputs, _ = tree_flatten(self.forward_fn(*args, **kwargs))
         rec = reconstruction_loss(outputs, batch.targets, self.unit.channels_first)
-        loss = rec
+        if not self.learn_rounding or beta is None:
+            return rec, None
+        return rec, sum(rounding_regularizer(h, beta) for h in self.soft_roundings())
+
+    def training_step(self, batch_index, _):
+        step = self.global_step
+        rank_seed = self.seed + 7919 * self.global_rank
+        torch.manual_seed(rank_seed * 1_000_003 + step)
+        indices = self.cache.indices(step, self.batch_size, rank_seed)
+        batch = self.cache.batch(indices)
         beta = self.beta(step)
-        if self.learn_rounding and beta is not None:
-            reg = sum(rounding_regularizer(h, beta) for h in self.soft_roundings())
-            loss = rec + self.reg_weight * reg
-            self.log(self.log_prefix + "reg", reg.detach(), on_step=True, prog_bar=False)
-        self.log(self.log_prefix + "rec_loss", rec.detach(), on_step=True, prog_bar=True)
+        if self.cuda_graphs and self.device.type == "cuda":
+            loss, rec, reg = self._graphed_step(self.cache.group_of[indices[0]], batch, beta)
+        else:
+            rec, reg = self.loss_terms(batch, beta)
+            loss = rec if reg is None else rec + self.reg_weight * reg
+        # Logged only where the loggers write: each self.log costs about a millisecond of host time.
+        if (step + 1) % self.trainer.log_every_n_steps == 0 or step == self.max_steps - 1:
+            self.log(self.log_prefix + "rec_loss", rec.detach().clone(), on_step=True, prog_bar=True)
+            if reg is not None:
+                self.log(self.log_prefix + "reg", reg.detach().clone(), on_step=True)
         if step % self.check_finite_every == 0 or step == self.max_steps - 1:
             self._check_finite(loss, step)
             if self.learn_rounding:
                 h = torch.cat([x.detach().flatten() for x in self.soft_roundings()])
                 self.log(self.log_prefix + "hardened_fraction", hardened_fraction(h), on_step=True)
         return loss
+
+    def _graphed_step(
+        self, group: int, batch: Batch, beta: float | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The step's forward and backward replayed from a CUDA graph captured once per batch signature, so
+        a step costs two launches instead of hundreds (units are launch-bound at SAM2's sizes)."""
+        if self._step_scalars is None:
+            self._step_scalars = (torch.zeros((), device=self.device), torch.zeros((), device=self.device))
+        beta_t, reg_weight_t = self._step_scalars
+        beta_t.fill_(2.0 if beta is None else beta)
+        reg_weight_t.fill_(0.0 if beta is None else self.reg_weight)
+        args = (beta_t, reg_weight_t, *batch.tensors())
+        with torch.autocast(
+            "cuda",
+            dtype=torch.get_autocast_dtype("cuda"),
+            enabled=torch.is_autocast_enabled("cuda"),
+            cache_enabled=False,  # CUDA graphs cannot hold autocast's weight cache
+        ):
+            if group not in self._graphs:
+                if self._graph_pool is None:
+                    self._graph_pool = torch.cuda.graph_pool_handle()
+                self._graphs[group] = torch.cuda.make_graphed_callables(
+                    _GroupStep(self, batch),
+                    tuple(x.clone() for x in args),
+                    allow_unused_input=True,
+                    pool=self._graph_pool,
+                )
+            loss, terms = self._graphs[group](*args)
+        return loss, terms[0], None if beta is None or not self.learn_rounding else terms[1]
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+        # Graph replays write gradients into static buffers that .grad may alias: never zero them in place.
+        optimizer.zero_grad(set_to_none=True)
 
     def _check_finite(self, loss: torch.Tensor, step: int) -> None:
         if not torch.isfinite(loss):
@@ -167,7 +220,7 @@ class UnitReconstruction(L.LightningModule):
             groups.append({"params": self.act_scales, "lr": self.lr_act, "name": "act_scale"})
         if not groups:
             raise MQSAM2Error(f"unit {self.unit.name} has nothing to learn in this mode")
-        optimizer = torch.optim.Adam(groups)
+        optimizer = torch.optim.Adam(groups, fused=self.device.type == "cuda")
 
         def cosine(step: int) -> float:
             return 0.5 * (1 + math.cos(math.pi * min(step, self.max_steps) / self.max_steps))
@@ -180,6 +233,7 @@ class UnitReconstruction(L.LightningModule):
     def finish(self) -> None:
         """Harden every rounding variable of every layer in the unit and switch dropping off; the unit goes back
         to the model's device (Lightning's teardown moves the fitted module to the CPU)."""
+        self._graphs.clear()
         self.unit_module.to(self.home_device)
         for layer in self.unit.layers.values():
             layer.harden_rounding()
@@ -187,3 +241,20 @@ class UnitReconstruction(L.LightningModule):
             quantizer.drop_prob = 0.0
         for parameter in self.unit_module.parameters():
             parameter.requires_grad_(False)
+
+
+class _GroupStep(nn.Module):
+    """One batch signature's loss as a function of tensors only (what CUDA graph capture needs); the
+    regulariser is always computed and weighted by a tensor, zero during the warm-up."""
+
+    def __init__(self, owner: UnitReconstruction, template: Batch):
+        super().__init__()
+        self.unit_module = owner.unit_module
+        self.loss_terms = owner.loss_terms
+        self.template = template
+
+    def forward(self, beta: torch.Tensor, reg_weight: torch.Tensor, *tensors: torch.Tensor):
+        rec, reg = self.loss_terms(self.template.with_tensors(tensors), beta)
+        if reg is None:
+            return rec, torch.stack([rec, torch.zeros_like(rec)]).detach()
+        return rec + reg_weight * reg, torch.stack([rec, reg]).detach()
