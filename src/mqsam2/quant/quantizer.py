@@ -45,6 +45,9 @@ class FakeQuantizer(nn.Module):
         self.observing = False
         self.enabled = True
         self.name = ""
+        # Reading the `initialized` buffer on a GPU is a device sync (and breaks CUDA graph capture):
+        # read it once, then trust this until a state dict is loaded.
+        self._known_ready = False
 
     def extra_repr(self) -> str:
         granularity = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"
@@ -59,6 +62,11 @@ class FakeQuantizer(nn.Module):
         self.scale.copy_(scale)
         self.zero_point.copy_(zero_point)
         self.initialized.fill_(True)
+        self._known_ready = True
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._known_ready = False
+        super()._load_from_state_dict(*args, **kwargs)
 
     def finish_observing(self) -> bool:
         """Turn the observed statistics into scale/zero-point; False when the tensor was never seen."""
@@ -70,11 +78,14 @@ class FakeQuantizer(nn.Module):
         return True
 
     def _check_ready(self) -> None:
+        if self._known_ready:
+            return
         if not self.initialized:
             raise MQSAM2Error(
                 f"quantizer {self.name or '(unnamed)'} was never calibrated: run calibration on data that "
                 "exercises this layer (video clips for the memory modules), or load a calibrated state dict"
             )
+        self._known_ready = True
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         self._check_ready()
