@@ -8,15 +8,15 @@ exact ILP for Avg-4 (candidates 3, 4, 5) and Avg-6 (5, 6, 7), uniform 8 bits for
 seeded random init: speed, memory and fidelity to the source model are meaningful, accuracy is not.
 
 Per row: image-encoder images/s per `--batch` (warm-up, then `--repeats` timed calls, synchronised), video
-frames/s with sam2's protocol (one object prompted on frame 0 of a `--frames` synthetic clip, bf16 autocast,
-one warm-up run, then `--video-runs` timed `propagate_in_video` runs), peak GPU memory of each (NaN on CPU),
+frames/s with sam2's protocol (one object prompted on frame 0 of a `--frames` synthetic clip, bf16 autocast
+on CUDA (the CPU smoke run stays fp32), one warm-up run, then `--video-runs` timed `propagate_in_video` runs), peak GPU memory of each (NaN on CPU),
 bytes of all weights and buffers held (`weight_nbytes`), the file on disk (the export; the fp32 checkpoint for
 float rows), and fidelity: relative error of the image embedding against the row's source (the fake-quant
 export run in fp32 for quantized rows, bf16 eager for float rows) and against bf16 eager, and the mean mask
 IoU (J) of the clip against bf16 eager. Ratios are against `bf16+compile` (or `bf16` when compile is off).
 As sam2 does, torch.compile covers the image encoder (fullgraph, static shapes); the tracker runs eager.
 
-    python benchmarks/inference.py --size t --image-size 256 --frames 4 --repeats 2     # CPU (no compile)
+    python benchmarks/inference.py --size t --image-size 64 --frames 4 --repeats 2      # CPU: fp32, no compile
     TQDM_DISABLE=1 python benchmarks/inference.py --size b+ --image-size 1024 --frames 200 --json inference.json
 """
 
@@ -31,6 +31,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -60,8 +61,9 @@ class Bench:
         self.device = device
         self.cuda = device.type == "cuda"
 
-    def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+    def autocast(self):
+        """bf16 autocast on CUDA, as sam2 runs; the CPU smoke run stays fp32 (CPU bf16 is slow here)."""
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else nullcontext()
 
     def sync(self) -> None:
         if self.cuda:
@@ -238,7 +240,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     stream = SyntheticStream(args.frames, args.image_size, video_size, device)
     workload = calibration_workload(args)
     float_model = build_sam2(args.size, image_size=args.image_size, seed=args.seed, device=device)
-    float_fields = {"kernels": "bf16 autocast", "file_bytes": float_checkpoint_bytes(float_model)}
+    float_fields = {
+        "kernels": "bf16 autocast" if bench.cuda else "fp32",
+        "file_bytes": float_checkpoint_bytes(float_model),
+    }
     rows, reference = [], {}
 
     def float_row(name: str) -> tuple:
