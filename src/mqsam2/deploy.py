@@ -83,8 +83,8 @@ class DeployReport:
     def summary(self) -> str:
         counts = ", ".join(f"{kernel} {n}" for kernel, n in sorted(self.counts().items()))
         lines = [f"deployed {len(self.kernels)} layers: {counts}"]
-        reasons = Counter(self.fallbacks.values())
-        lines += [f"  {n} x {reason}" for reason, n in reasons.most_common()]
+        reasons = Counter((self.kernels[name], reason) for name, reason in self.fallbacks.items())
+        lines += [f"  {n} to {kernel}: {reason}" for (kernel, reason), n in reasons.most_common()]
         if self.attention_modules:
             lines.append(f"  {self.attention_modules} quantized attention modules back to float SDPA")
         if self.calibrated_activations:
@@ -273,10 +273,7 @@ def _deploy_layer(
         fallback = int4_unsupported_reason(layer.in_features, layer.weight.device)
         if fallback is None:
             return Int4WeightOnlyLinear.from_quantized(layer), "int4", None
-    int8 = Int8DynamicLinear.from_weight(_dequantized_weight(layer), layer.bias, config)
-    if not is_traceable_wrapper_subclass(int8.weight):
-        return int8, "float", "int8: torchao kept this weight in bf16 (its minimum in_features)"
-    return int8, "int8", fallback
+    return Int8DynamicLinear.from_weight(_dequantized_weight(layer), layer.bias, config), "int8", fallback
 
 
 def _restore_float_attention(model: nn.Module) -> int:
