@@ -58,8 +58,28 @@ def _run(script: str, *args: str, tmp_path: Path) -> str:
             ],
             "projected: 1 units",
         ),
+        (
+            "inference.py",
+            [
+                "--size",
+                "t",
+                "--image-size",
+                "64",
+                "--frames",
+                "2",
+                "--repeats",
+                "1",
+                "--warmup",
+                "1",
+                "--calib-frames",
+                "2",
+                "--calib-images",
+                "1",
+            ],
+            "| avg4 | float 16 / int4 ",
+        ),
     ],
-    ids=["allocation", "data", "memory", "reconstruction"],
+    ids=["allocation", "data", "memory", "reconstruction", "inference"],
 )
 def test_benchmark_runs_at_toy_size(script, args, expect, tmp_path):
     assert expect in _run(script, *args, tmp_path=tmp_path)
