@@ -197,15 +197,18 @@ def test_non_finite_loss_stops_the_unit_and_keeps_the_last_good_checkpoint(calib
 
 
 @pytest.mark.gpu
-def test_cuda_graph_steps_learn_what_eager_steps_learn(calibrated, workload, tmp_path):
+def test_cuda_graph_steps_learn_what_eager_steps_learn(workload, tmp_path):
     """A replayed graph must run the step's math unchanged: with dropping off (the only randomness whose
     stream differs between a graph and eager kernels), 30 steps with and without graphs end at the same
     learned rounding and step sizes, up to float reassociation."""
-    float_model, model = calibrated
+    float_model = build_sam2("t", image_size=256, device="cuda")
+    model = quantize(copy.deepcopy(float_model), QuantConfig(bits=4))
+    with calibration(model):
+        workload.run_full(model)
     learned = {}
     for graphs in (False, True):
         reconstructor = _reconstructor(
-            (float_model.cuda(), model.cuda()),
+            (float_model, model),
             workload,
             tmp_path / str(graphs),
             [HIERA_BLOCK, MEMORY_LAYER],

@@ -81,5 +81,6 @@ def fake_quantize_to(
     bit-widths."""
     scale_b = _broadcast(scale, x, axis)
     zero_b = _broadcast(zero_point, x, axis)
-    codes = torch.clamp(_round_ste(x * (1.0 / scale_b)) + zero_b, 0, upper)
+    # Two clamps: clamp(x, 0, tensor) would read the tensor bound back to the host (a device sync).
+    codes = torch.clamp(_round_ste(x * (1.0 / scale_b)) + zero_b, min=0).clamp(max=upper)
     return ((codes - zero_b) * scale_b).to(x.dtype)
