@@ -83,6 +83,24 @@ def step_flops(module: UnitReconstruction) -> int:
     return counter.get_total_flops()
 
 
+def profile_step(module: UnitReconstruction, steps: int) -> str:
+    """The kernels one forward + backward of the unit spends its device time in (eager, so every kernel is
+    named): what bounds the step, compute or memory traffic."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if module.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    batch = module.cache.batch(module.cache.indices(0, module.batch_size, module.seed))
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(steps):
+            rec, reg = module.loss_terms(batch, module.beta(module.max_steps - 1))
+            (rec if reg is None else rec + module.reg_weight * reg).backward()
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+    module.zero_grad(set_to_none=True)
+    key = "self_cuda_time_total" if module.device.type == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60)
+
+
 def build(args: argparse.Namespace, device: torch.device):
     shards = ensure_synth(
         args.data_root, args.calib_videos, args.calib_frames, 256, seed=0, images=args.calib_images
@@ -144,6 +162,13 @@ def measure(args: argparse.Namespace) -> list[dict]:
                 callbacks=[timer, progress_bar(config.iters)],
             )
             trainer.fit(module, DataLoader(range(config.iters), batch_size=None))
+            if args.profile_steps:
+                with torch.autocast(
+                    device.type, dtype=torch.bfloat16, enabled=args.precision.startswith("bf16")
+                ):
+                    print(
+                        f"{unit.name}: {args.profile_steps} profiled steps\n{profile_step(module, args.profile_steps)}"
+                    )
             module.finish()
             it_s = args.steps / timer.seconds
             rows.append(
@@ -185,6 +210,9 @@ def main() -> None:
         default=True,
         help="replay each step's forward and backward from CUDA graphs (GPU only)",
     )
+    parser.add_argument(
+        "--profile-steps", type=int, default=0, help="after timing, profile this many eager steps per unit"
+    )
     parser.add_argument("--calib-videos", type=int, default=2)
     parser.add_argument("--calib-frames", type=int, default=4)
     parser.add_argument("--calib-images", type=int, default=4)
@@ -199,7 +227,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     print(
         f"\nSAM2.1-{args.size} at {args.image_size} px, batch {args.batch_size}, {args.precision}"
-        f"{', compiled' if args.compile else ''}{', CUDA graphs' if args.cuda_graphs else ''}, on {name}"
+        f"{', compiled' if args.compile else ''}{', CUDA graphs' if args.cuda_graphs and device.type == 'cuda' else ''}, on {name}"
     )
     print(f"measured matmul peak: {peak:.1f} TFLOP/s")
     print("| unit | layers | samples | cache MiB | capture s | it/s | GFLOP/step | TFLOP/s | % of peak |")

@@ -198,19 +198,21 @@ def test_non_finite_loss_stops_the_unit_and_keeps_the_last_good_checkpoint(calib
 
 @pytest.mark.gpu
 def test_cuda_graph_steps_learn_what_eager_steps_learn(workload, tmp_path):
-    """A replayed graph must run the step's math unchanged: with dropping off (the only randomness whose
-    stream differs between a graph and eager kernels), 30 steps with and without graphs end at the same
-    learned rounding and step sizes, up to float reassociation."""
+    """A replayed graph must run the step's math unchanged. With dropping off (the only randomness whose
+    stream differs between graphs and eager kernels), 30 steps with and without graphs end at the same
+    activation steps and output errors; a graph runs the fake-quant unfused, so float reassociation can flip
+    a rounding decision whose alpha sits at zero: at most 0.2% of the hardened weights may differ."""
     float_model = build_sam2("t", image_size=256, device="cuda")
     model = quantize(copy.deepcopy(float_model), QuantConfig(bits=4))
     with calibration(model):
         workload.run_full(model)
-    learned = {}
+    learned, errors = {}, {}
     for graphs in (False, True):
+        run_dir = tmp_path / str(graphs)
         reconstructor = _reconstructor(
             (float_model, model),
             workload,
-            tmp_path / str(graphs),
+            run_dir,
             [HIERA_BLOCK, MEMORY_LAYER],
             iters=30,
             drop_prob=0.0,
@@ -220,11 +222,17 @@ def test_cuda_graph_steps_learn_what_eager_steps_learn(workload, tmp_path):
         )
         reconstructor.run()
         learned[graphs] = {
-            k: v.float().cpu()
+            f"{unit.name}.{k}": v.float().cpu()
             for unit in reconstructor.units
             for k, v in unit.module.state_dict().items()
             if k.endswith(("weight", "scale"))
         }
-    assert learned[False].keys() == learned[True].keys()
+        errors[graphs] = {r["unit"]: r["error_after"] for r in _records(run_dir)}
+    for unit, eager in errors[False].items():
+        assert errors[True][unit] == pytest.approx(eager, rel=0.01), unit
     for key, eager in learned[False].items():
-        torch.testing.assert_close(learned[True][key], eager, rtol=1e-4, atol=1e-5, msg=key)
+        if key.endswith("scale"):
+            torch.testing.assert_close(learned[True][key], eager, rtol=1e-3, atol=1e-6, msg=key)
+        else:
+            differing = (learned[True][key] != eager).float().mean().item()
+            assert differing <= 0.002, (key, differing)
