@@ -86,6 +86,7 @@ def step_flops(module: UnitReconstruction) -> int:
 def profile_step(module: UnitReconstruction, steps: int) -> str:
     """The kernels one forward + backward of the unit spends its device time in (eager, so every kernel is
     named): what bounds the step, compute or memory traffic."""
+    module.to(module.home_device)  # the Trainer's teardown left it on the CPU
     activities = [torch.profiler.ProfilerActivity.CPU]
     if module.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
