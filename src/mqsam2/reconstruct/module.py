@@ -6,6 +6,7 @@ Batches are drawn from the unit's cache by global step, so a resumed fit continu
 
 from __future__ import annotations
 
+import gc
 import math
 
 import lightning as L
@@ -163,33 +164,57 @@ class UnitReconstruction(L.LightningModule):
                 self.log(self.log_prefix + "hardened_fraction", hardened_fraction(h), on_step=True)
         return loss
 
-    def _graphed_step(
-        self, group: int, batch: Batch, beta: float | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The step's forward and backward replayed from a CUDA graph captured once per batch signature, so
-        a step costs two launches instead of hundreds (units are launch-bound at SAM2's sizes)."""
+    def on_train_start(self) -> None:
+        """Capture every batch signature's graph before the first step (inside the Trainer's precision
+        context, as the steps run), so no step pays for a capture."""
+        if not (self.cuda_graphs and self.device.type == "cuda"):
+            return
+        with self.trainer.precision_plugin.forward_context():
+            for group, members in enumerate(self.cache.groups):
+                size = min(self.batch_size if self.cache.batchable else 1, len(members))
+                self._graph(group, self.cache.batch(members[:size]))
+
+    def _graph_inputs(self, batch: Batch, beta: float | None) -> tuple[torch.Tensor, ...]:
         if self._step_scalars is None:
             self._step_scalars = (torch.zeros((), device=self.device), torch.zeros((), device=self.device))
         beta_t, reg_weight_t = self._step_scalars
         beta_t.fill_(2.0 if beta is None else beta)
         reg_weight_t.fill_(0.0 if beta is None else self.reg_weight)
-        args = (beta_t, reg_weight_t, *batch.tensors())
-        with torch.autocast(
+        return (beta_t, reg_weight_t, *batch.tensors())
+
+    def _graph_autocast(self) -> torch.autocast:
+        """The Trainer's autocast without its weight cache, which CUDA graphs cannot hold."""
+        return torch.autocast(
             "cuda",
             dtype=torch.get_autocast_dtype("cuda"),
             enabled=torch.is_autocast_enabled("cuda"),
-            cache_enabled=False,  # CUDA graphs cannot hold autocast's weight cache
-        ):
-            if group not in self._graphs:
-                if self._graph_pool is None:
-                    self._graph_pool = torch.cuda.graph_pool_handle()
+            cache_enabled=False,
+        )
+
+    def _graph(self, group: int, batch: Batch) -> nn.Module:
+        """The graphed step of one batch signature, captured on first use."""
+        if group not in self._graphs:
+            # A graph freed by the garbage collector in the middle of a capture invalidates that capture.
+            gc.collect()
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            with self._graph_autocast():
                 self._graphs[group] = torch.cuda.make_graphed_callables(
                     _GroupStep(self, batch),
-                    tuple(x.clone() for x in args),
+                    tuple(x.clone() for x in self._graph_inputs(batch, None)),
                     allow_unused_input=True,
                     pool=self._graph_pool,
                 )
-            loss, terms = self._graphs[group](*args)
+        return self._graphs[group]
+
+    def _graphed_step(
+        self, group: int, batch: Batch, beta: float | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The step's forward and backward replayed from a CUDA graph captured once per batch signature, so
+        a step costs two launches instead of hundreds (units are launch-bound at SAM2's sizes)."""
+        graph = self._graph(group, batch)
+        with self._graph_autocast():
+            loss, terms = graph(*self._graph_inputs(batch, beta))
         return loss, terms[0], None if beta is None or not self.learn_rounding else terms[1]
 
     def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
@@ -234,6 +259,7 @@ class UnitReconstruction(L.LightningModule):
         """Harden every rounding variable of every layer in the unit and switch dropping off; the unit goes back
         to the model's device (Lightning's teardown moves the fitted module to the CPU)."""
         self._graphs.clear()
+        gc.collect()  # graphs sit in reference cycles: free them now, not during the next unit's capture
         self.unit_module.to(self.home_device)
         for layer in self.unit.layers.values():
             layer.harden_rounding()
