@@ -109,7 +109,7 @@ class UnitReconstruction(L.LightningModule):
         self.check_finite_every = check_finite_every
         # Graphs live outside the module tree so checkpoints look the same with and without them.
         self.cuda_graphs = cuda_graphs
-        self._graphs: dict[int, nn.Module] = {}
+        self._graphs: dict[tuple, nn.Module] = {}
         self._graph_pool = None
         self._step_scalars: tuple[torch.Tensor, torch.Tensor] | None = None
         self.batch_size = 1
@@ -192,20 +192,22 @@ class UnitReconstruction(L.LightningModule):
         )
 
     def _graph(self, group: int, batch: Batch) -> nn.Module:
-        """The graphed step of one batch signature, captured on first use."""
-        if group not in self._graphs:
+        """The graphed step of one batch signature and tensor shapes (a signature fixes all but the leading
+        dimension, and samples may hold several rows), captured on first use."""
+        key = (group, *(tuple(x.shape) for x in batch.tensors()))
+        if key not in self._graphs:
             # A graph freed by the garbage collector in the middle of a capture invalidates that capture.
             gc.collect()
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             with self._graph_autocast():
-                self._graphs[group] = torch.cuda.make_graphed_callables(
+                self._graphs[key] = torch.cuda.make_graphed_callables(
                     _GroupStep(self, batch),
                     tuple(x.clone() for x in self._graph_inputs(batch, None)),
                     allow_unused_input=True,
                     pool=self._graph_pool,
                 )
-        return self._graphs[group]
+        return self._graphs[key]
 
     def _graphed_step(
         self, group: int, batch: Batch, beta: float | None
