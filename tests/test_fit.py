@@ -52,3 +52,22 @@ def test_run_directory_made_with_another_config_is_refused(tmp_path):
     )
     with pytest.raises(MQSAM2Error, match=r"made with another config \(model.size: 't' -> 's'\)"):
         prepare_run_dir(changed)
+
+
+def test_no_validation_data_is_made_or_read_when_evaluation_is_off(tmp_path):
+    """A reconstruction-only run must not pay for a held-out set it never evaluates."""
+    from mqsam2.pipeline import load_data
+
+    config = parse_config(
+        [
+            "--config", "configs/demo.yaml", "--data.root", str(tmp_path), "--evaluation.enabled", "false",
+            "--data.synth_videos", "1", "--data.synth_frames", "2", "--data.synth_size", "64",
+            "--data.synth_images", "1", "--data.calib_videos", "1", "--data.calib_frames", "2",
+            "--data.calib_images", "1",
+        ]
+    )  # fmt: skip
+    datasets = load_data(config, image_size=64)
+    assert datasets.val_videos == [] and datasets.val_images == []
+    assert len(datasets.calibration.videos) == 1
+    # synthetic sets are named by their settings; the held-out one uses seed + 1
+    assert [p.name for p in tmp_path.iterdir()] == ["v1x2-s64-i1-seed0"]

@@ -131,10 +131,12 @@ class Datasets:
 
 
 def load_data(config: FitConfig, image_size: int) -> Datasets:
-    """Calibration (and validation) sets from the configured shards, or from synthetic shards made on demand."""
+    """Calibration (and, when evaluation runs, validation) sets from the configured shards, or from synthetic
+    shards made on demand."""
     data = config.data
     video_shards, image_shards = data.video_shards, data.image_shards
-    val_videos, val_images = data.val_video_shards, data.val_image_shards
+    evaluate = config.evaluation.enabled
+    val_videos, val_images = (data.val_video_shards, data.val_image_shards) if evaluate else (None, None)
     if video_shards is None and image_shards is None:
         synth = ensure_synth(
             data.root,
@@ -145,15 +147,16 @@ def load_data(config: FitConfig, image_size: int) -> Datasets:
             images=data.synth_images,
         )
         video_shards, image_shards = synth.videos, synth.images
-        held_out = ensure_synth(
-            data.root,
-            data.val_videos,
-            data.val_frames,
-            data.synth_size,
-            data.seed + 1,
-            images=data.val_images,
-        )
-        val_videos, val_images = held_out.videos, held_out.images
+        if evaluate:
+            held_out = ensure_synth(
+                data.root,
+                data.val_videos,
+                data.val_frames,
+                data.synth_size,
+                data.seed + 1,
+                images=data.val_images,
+            )
+            val_videos, val_images = held_out.videos, held_out.images
     calib = calibration_set(
         video_shards,
         image_shards,
