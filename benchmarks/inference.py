@@ -27,7 +27,6 @@ import copy
 import gc
 import json
 import math
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,9 +34,9 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from common import describe_device, synthetic_workload
 
 from mqsam2.allocation import allocate
-from mqsam2.data import calibration_set, ensure_synth
 from mqsam2.data.stream import SyntheticStream
 from mqsam2.deploy import DeployConfig, deploy, weight_nbytes
 from mqsam2.export import export_model, load_export
@@ -101,16 +100,6 @@ def compile_image_encoder(model: torch.nn.Module, mode: str) -> None:
     )
 
 
-def calibration_workload(args: argparse.Namespace) -> Workload:
-    shards = ensure_synth(
-        args.data_root, args.calib_videos, args.calib_frames, 256, seed=0, images=args.calib_images
-    )
-    data = calibration_set(
-        shards.videos, shards.images, args.calib_videos, args.calib_frames, args.calib_images, args.image_size
-    )
-    return Workload(data.videos, data.images, max_objects=1)
-
-
 def quant_configs(float_model, workload: Workload, variants: list[str]) -> dict[str, tuple[QuantConfig, str]]:
     """{variant: (QuantConfig, description)}: importance + exact ILP for the mixed variants, 8 bits for W8A8."""
     configs = {}
@@ -128,8 +117,9 @@ def quant_configs(float_model, workload: Workload, variants: list[str]) -> dict[
             importance = collector.compute()
         target, candidates = QUANT_VARIANTS[name]
         allocation = allocate(importance, target_avg=target, candidates=candidates)
-        widths = {b: allocation.bits.count(b) for b in sorted(set(allocation.bits))}
-        description = f"ILP {allocation.average_bits:.3f} avg bits, layers per width {widths}"
+        description = (
+            f"ILP {allocation.average_bits:.3f} avg bits, layers per width {allocation.layers_per_width}"
+        )
         configs[name] = (QuantConfig(plan=allocation.plan), description)
     return configs
 
@@ -238,7 +228,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     ]
     video_size = (args.image_size * 3 // 4, args.image_size)
     stream = SyntheticStream(args.frames, args.image_size, video_size, device)
-    workload = calibration_workload(args)
+    workload = synthetic_workload(
+        args.data_root, args.calib_videos, args.calib_frames, args.calib_images, args.image_size, objects=1
+    )
     float_model = build_sam2(args.size, image_size=args.image_size, seed=args.seed, device=device)
     float_fields = {
         "kernels": "bf16 autocast" if bench.cuda else "fp32",
@@ -351,13 +343,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
-    device = (
-        torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
-    )
     print(
-        f"SAM2.1-{args.size} random init at {args.image_size} px, {args.frames}-frame clip, {device}, "
+        f"SAM2.1-{args.size} random init at {args.image_size} px, {args.frames}-frame clip, {describe_device()}, "
         f"torch {torch.__version__}",
         flush=True,
     )

@@ -12,12 +12,12 @@ generated on demand, so 10,000 frames at 1024 px never sit in memory at once.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from contextlib import nullcontext
 
 import torch
+from common import describe_device
 
 from mqsam2.data.stream import SyntheticStream
 from mqsam2.memory import Prompt
@@ -125,13 +125,9 @@ def main() -> None:
     )
     parser.add_argument("--progress-every", type=int, default=0, help="print a progress line every N frames")
     args = parser.parse_args()
-    device = (
-        torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
-    )
     print(
-        f"SAM2.1-{args.size} random init, {args.frames} frames at {args.image_size} px, {device}, torch {torch.__version__}"
+        f"SAM2.1-{args.size} random init, {args.frames} frames at {args.image_size} px, {describe_device()}, "
+        f"torch {torch.__version__}"
     )
     summary = run(args)
     print(

@@ -16,23 +16,21 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from common import describe_device, synthetic_workload
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from mqsam2.config import ReconstructionConfig
-from mqsam2.data import calibration_set, ensure_synth
 from mqsam2.models import build_sam2
 from mqsam2.quant import QuantConfig, calibration, quantize
 from mqsam2.reconstruct.driver import Reconstructor, progress_bar
 from mqsam2.reconstruct.module import UnitReconstruction
-from mqsam2.workload import Workload
 
 FULL_ITERS = 20_000
 
@@ -73,13 +71,17 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
 
 
+def backward_once(module: UnitReconstruction) -> None:
+    """One eager forward + backward of the first batch with the regulariser on (as late steps run it)."""
+    batch = module.cache.batch(module.cache.indices(0, module.batch_size, module.seed))
+    module.total_loss(*module.loss_terms(batch, module.beta(module.max_steps - 1))).backward()
+    module.zero_grad(set_to_none=True)
+
+
 def step_flops(module: UnitReconstruction) -> int:
     """Forward + backward FLOPs of one training step (matmuls and convolutions, as FlopCounterMode counts)."""
-    batch = module.cache.batch(module.cache.indices(0, module.batch_size, module.seed))
     with FlopCounterMode(display=False) as counter:
-        rec, reg = module.loss_terms(batch, module.beta(module.max_steps - 1))
-        (rec if reg is None else rec + module.reg_weight * reg).backward()
-    module.zero_grad(set_to_none=True)
+        backward_once(module)
     return counter.get_total_flops()
 
 
@@ -90,26 +92,19 @@ def profile_step(module: UnitReconstruction, steps: int) -> str:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if module.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    batch = module.cache.batch(module.cache.indices(0, module.batch_size, module.seed))
     with torch.profiler.profile(activities=activities) as profiler:
         for _ in range(steps):
-            rec, reg = module.loss_terms(batch, module.beta(module.max_steps - 1))
-            (rec if reg is None else rec + module.reg_weight * reg).backward()
+            backward_once(module)
         if module.device.type == "cuda":
             torch.cuda.synchronize(module.device)
-    module.zero_grad(set_to_none=True)
     key = "self_cuda_time_total" if module.device.type == "cuda" else "self_cpu_time_total"
     return profiler.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60)
 
 
 def build(args: argparse.Namespace, device: torch.device):
-    shards = ensure_synth(
-        args.data_root, args.calib_videos, args.calib_frames, 256, seed=0, images=args.calib_images
+    workload = synthetic_workload(
+        args.data_root, args.calib_videos, args.calib_frames, args.calib_images, args.image_size, args.objects
     )
-    data = calibration_set(
-        shards.videos, shards.images, args.calib_videos, args.calib_frames, args.calib_images, args.image_size
-    )
-    workload = Workload(data.videos, data.images, max_objects=args.objects)
     float_model = build_sam2(args.size, image_size=args.image_size, device=device)
     model = quantize(copy.deepcopy(float_model), QuantConfig(bits=args.bits))
     with calibration(model):
@@ -225,10 +220,9 @@ def main() -> None:
     peak = matmul_peak(device, torch.bfloat16 if args.precision.startswith("bf16") else torch.float32)
     rows = measure(args)
     total_hours = sum(FULL_ITERS / r["it_per_s"] for r in rows) / 3600
-    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     print(
         f"\nSAM2.1-{args.size} at {args.image_size} px, batch {args.batch_size}, {args.precision}"
-        f"{', compiled' if args.compile else ''}{', CUDA graphs' if args.cuda_graphs and device.type == 'cuda' else ''}, on {name}"
+        f"{', compiled' if args.compile else ''}{', CUDA graphs' if args.cuda_graphs and device.type == 'cuda' else ''}, on {describe_device()}"
     )
     print(f"measured matmul peak: {peak:.1f} TFLOP/s")
     print("| unit | layers | samples | cache MiB | capture s | it/s | GFLOP/step | TFLOP/s | % of peak |")

@@ -309,6 +309,10 @@ class Allocation:
     def plan(self) -> dict[str, int]:
         return dict(zip(self.names, self.bits, strict=True))
 
+    @property
+    def layers_per_width(self) -> dict[int, int]:
+        return {b: self.bits.count(b) for b in sorted(set(self.bits))}
+
 
 def allocate(
     importance: Mapping[str, LayerImportance],

@@ -226,14 +226,13 @@ def stage_allocation(
         )
         write_plan(allocation, path)
         log_images(loggers, "allocation", [run_dir / "allocation.png"])
-    histogram = {b: allocation.bits.count(b) for b in sorted(set(allocation.bits))}
     log.info(
         "allocation: %s -> %.3f average bits (objective %.4g, %.2f s), layers per width %s",
         cfg.method,
         allocation.average_bits,
         allocation.objective,
         allocation.solve_seconds,
-        histogram,
+        allocation.layers_per_width,
     )
     return allocation.plan
 

@@ -131,9 +131,7 @@ class ActQuantizer(FakeQuantizer):
         if not self.enabled:
             return x
         self._check_ready()
-        if not torch.is_grad_enabled():
-            return fake_quantize(x, self.scale, self.zero_point, self.bits)
-        if self.drop_prob == 0 and not x.is_cuda:
+        if not torch.is_grad_enabled() or (self.drop_prob == 0 and not x.is_cuda):
             return fake_quantize(x, self.scale, self.zero_point, self.bits)
         train = _fused_training_fake_quantize if x.is_cuda else _training_fake_quantize
         return train(x, self.scale, self.zero_point, *self._training_constants(x.device))

@@ -140,6 +140,14 @@ class UnitReconstruction(L.LightningModule):
             return rec, None
         return rec, sum(rounding_regularizer(h, beta) for h in self.soft_roundings())
 
+    def total_loss(self, rec: torch.Tensor, reg: torch.Tensor | None) -> torch.Tensor:
+        return rec if reg is None else rec + self.reg_weight * reg
+
+    @property
+    def graphed(self) -> bool:
+        """Steps replay CUDA graphs: asked for, and the module is on a GPU."""
+        return self.cuda_graphs and self.device.type == "cuda"
+
     def training_step(self, batch_index, _):
         step = self.global_step
         rank_seed = self.seed + 7919 * self.global_rank
@@ -147,11 +155,11 @@ class UnitReconstruction(L.LightningModule):
         indices = self.cache.indices(step, self.batch_size, rank_seed)
         batch = self.cache.batch(indices)
         beta = self.beta(step)
-        if self.cuda_graphs and self.device.type == "cuda":
+        if self.graphed:
             loss, rec, reg = self._graphed_step(self.cache.group_of[indices[0]], batch, beta)
         else:
             rec, reg = self.loss_terms(batch, beta)
-            loss = rec if reg is None else rec + self.reg_weight * reg
+            loss = self.total_loss(rec, reg)
         # Logged only where the loggers write: each self.log costs about a millisecond of host time.
         if (step + 1) % self.trainer.log_every_n_steps == 0 or step == self.max_steps - 1:
             self.log(self.log_prefix + "rec_loss", rec.detach().clone(), on_step=True, prog_bar=True)
@@ -167,7 +175,7 @@ class UnitReconstruction(L.LightningModule):
     def on_train_start(self) -> None:
         """Capture every batch signature's graph before the first step (inside the Trainer's precision
         context, as the steps run), so no step pays for a capture."""
-        if not (self.cuda_graphs and self.device.type == "cuda"):
+        if not self.graphed:
             return
         with self.trainer.precision_plugin.forward_context():
             for group, members in enumerate(self.cache.groups):
