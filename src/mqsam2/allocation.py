@@ -152,14 +152,59 @@ def solve_ilp(
     minute; docs/benchmarks.md).
     """
     problem = _problem(scores, params, candidates, target_avg, error)
-    bits = problem.candidates
-    gains = [
-        [score * (problem.error(low) - problem.error(high)) for low, high in itertools.pairwise(bits)]
-        for score in problem.scores
-    ]
+    costs = [[score * problem.error(bits) for bits in problem.candidates] for score in problem.scores]
+    gains = _gains(costs)
+    return _solve_steps(
+        gains, problem.candidates, [(problem.params, problem.budget)], _exchange_order(problem, gains)
+    )
+
+
+def solve_table_ilp(
+    costs: Sequence[Sequence[float]],
+    candidates: Sequence[int],
+    budgets: Sequence[tuple[Sequence[int], float]],
+) -> list[int]:
+    """Eq. 6 with a cost per (layer, candidate) instead of `S_l * E(b)`, and any number of budgets.
+
+    `costs[l][k]` is layer l's contribution at `candidates[k]` (for example its importance times its measured
+    output error at that width); each budget `(weights, target_avg)` bounds the `weights`-weighted average
+    width (parameters for weights, quantized activation elements for activations). A cost that rises with
+    the width is flattened to the lowest cost at or below that width, since spending bits never has to hurt.
+    """
+    ascending = sorted(range(len(candidates)), key=lambda k: candidates[k])
+    bits = [int(candidates[k]) for k in ascending]
+    if not costs:
+        raise AllocationError("no layers to allocate")
+    monotone = []
+    for layer, row in enumerate(costs):
+        if len(row) != len(bits) or not all(math.isfinite(c) and c >= 0 for c in row):
+            raise AllocationError(
+                f"layer {layer} needs one finite cost >= 0 per candidate {bits}, got {list(row)}"
+            )
+        ordered = [float(row[k]) for k in ascending]
+        monotone.append([min(ordered[: k + 1]) for k in range(len(ordered))])
+    limits = []
+    for weights, target_avg in budgets:
+        checked = _problem([0.0] * len(costs), weights, bits, target_avg, None)
+        limits.append((checked.params, checked.budget))
+    return _solve_steps(_gains(monotone), bits, limits, [])
+
+
+def _gains(costs: Sequence[Sequence[float]]) -> list[list[float]]:
+    """What each step up the (ascending) candidates saves, per layer."""
+    return [[low - high for low, high in itertools.pairwise(row)] for row in costs]
+
+
+def _solve_steps(
+    gains: list[list[float]],
+    bits: list[int],
+    budgets: Sequence[tuple[list[int], int]],
+    order_pairs: list[tuple[tuple[int, int], tuple[int, int]]],
+) -> list[int]:
+    """The step model shared by both ILPs: maximise the gains of the steps taken within every budget
+    `(weights, total)`: `sum_l weights_l * bits_l <= total`."""
     largest = max((gain for row in gains for gain in row), default=0.0)
     scale = _COST_SCALE / largest if largest > 0 else 1.0
-
     model = pulp.LpProblem("bit_allocation", pulp.LpMaximize)
     steps = [
         [model.add_variable(f"layer{layer}_above{low}", cat=pulp.LpBinary) for low in bits[:-1]]
@@ -173,12 +218,13 @@ def solve_ilp(
     for row in steps:
         for earlier, later in itertools.pairwise(row):
             model += earlier >= later
-    model += pulp.LpAffineExpression(
-        (step, (high - low) * count)
-        for row, count in zip(steps, problem.params, strict=True)
-        for step, (low, high) in zip(row, itertools.pairwise(bits), strict=True)
-    ) <= problem.budget - bits[0] * sum(problem.params)
-    for (layer_a, step_a), (layer_b, step_b) in _exchange_order(problem, gains):
+    for weights, total in budgets:
+        model += pulp.LpAffineExpression(
+            (step, (high - low) * count)
+            for row, count in zip(steps, weights, strict=True)
+            for step, (low, high) in zip(row, itertools.pairwise(bits), strict=True)
+        ) <= total - bits[0] * sum(weights)
+    for (layer_a, step_a), (layer_b, step_b) in order_pairs:
         model += steps[layer_a][step_a] >= steps[layer_b][step_b]
     try:
         model.solve(_CBC)
@@ -190,8 +236,9 @@ def solve_ilp(
             f"solution {pulp.LpSolution[model.sol_status]}"
         )
     solution = [bits[sum(round(step.value()) for step in row)] for row in steps]
-    if sum(b * p for b, p in zip(solution, problem.params, strict=True)) > problem.budget:
-        raise SolverError("CBC returned an assignment over the bit budget")
+    for weights, total in budgets:
+        if sum(b * w for b, w in zip(solution, weights, strict=True)) > total:
+            raise SolverError("CBC returned an assignment over the bit budget")
     return solution
 
 
@@ -290,11 +337,15 @@ def solve_uniform(
 
 
 SOLVERS = {"ilp": solve_ilp, "greedy": solve_greedy, "uniform": solve_uniform}
+ERROR_CHOICES = (*ERROR_MODELS, "measured")
+ACTIVATION_MODES = ("shared", "fixed", "separate")
 
 
 @dataclass(frozen=True)
 class Allocation:
-    """A solved allocation and its report; `plan` is the `{layer: bits}` that quantization consumes."""
+    """A solved allocation and its report; `plan` / `act_plan` are the `{layer: bits}` that quantization
+    consumes for weights and for input activations. `average_bits` is parameter-weighted,
+    `act_average_bits` weighted by the activation elements each layer quantizes (0 where not counted)."""
 
     method: str
     target_avg: float
@@ -304,14 +355,51 @@ class Allocation:
     objective: float
     average_bits: float
     solve_seconds: float
+    act_bits: tuple[int, ...] = ()
+    act_average_bits: float = 0.0
+    error: str = "pow2"
+    activations: str = "shared"
 
     @property
     def plan(self) -> dict[str, int]:
         return dict(zip(self.names, self.bits, strict=True))
 
     @property
+    def act_plan(self) -> dict[str, int]:
+        return dict(zip(self.names, self.act_bits or self.bits, strict=True))
+
+    @property
     def layers_per_width(self) -> dict[int, int]:
         return {b: self.bits.count(b) for b in sorted(set(self.bits))}
+
+
+def _cost_table(
+    importance: Mapping[str, LayerImportance], candidates: Sequence[int], error: str, kind: str
+) -> list[list[float]]:
+    """`S_l * E_l(b)` per layer and candidate: E from a formula, or the layer's measured relative error."""
+    if error != "measured":
+        model = error_model(error)
+        return [[layer.score * model(b) for b in candidates] for layer in importance.values()]
+    rows = []
+    for name, layer in importance.items():
+        table = layer.weight_errors if kind == "w" else layer.act_errors
+        if not table or any(str(b) not in table for b in candidates):
+            raise AllocationError(
+                f"layer {name} has no measured error at every candidate {list(candidates)}: measure it with "
+                "allocation.error: measured (a run directory's importance.json from another setting must be deleted)"
+            )
+        rows.append([layer.score * table[str(b)] for b in candidates])
+    return rows
+
+
+def _act_elements(importance: Mapping[str, LayerImportance]) -> list[int]:
+    elements = [layer.act_elements for layer in importance.values()]
+    if not all(elements):
+        raise AllocationError(
+            "importance has no activation element counts (an importance.json from an older version): delete it "
+            "so the importance stage counts them"
+        )
+    return elements
 
 
 def allocate(
@@ -321,47 +409,108 @@ def allocate(
     target_avg: float,
     candidates: Sequence[int],
     error: str | ErrorModel = "pow2",
+    activations: str = "shared",
 ) -> Allocation:
-    """Solve Eq. 6 for the layers of `importance`; the keywords are the config's `allocation.*` keys."""
+    """Solve Eq. 6 for the layers of `importance`; the keywords are the config's `allocation.*` keys.
+
+    `activations`: `shared` gives a layer's input its weight's width (the paper); `fixed` keeps every input at
+    `target_avg` and allocates the weights alone; `separate` allocates the inputs with their own budget,
+    weighted by activation elements. The paper's reading (a formula error, shared widths) bounds the
+    parameter-weighted average only; every other combination bounds both averages, so a mixed row spends no
+    more than the uniform one of the same width.
+    """
     if method not in SOLVERS:
         raise AllocationError(f"unknown allocation method {method!r}; expected one of {', '.join(SOLVERS)}")
-    error = error_model(error)
+    if activations not in ACTIVATION_MODES:
+        raise AllocationError(
+            f"unknown activation mode {activations!r}; expected one of {', '.join(ACTIVATION_MODES)}"
+        )
+    names = tuple(importance)
     scores = [layer.score for layer in importance.values()]
     params = [layer.num_params for layer in importance.values()]
+    ascending = sorted(int(b) for b in candidates)
     start = time.perf_counter()
-    bits = SOLVERS[method](scores, params, candidates, target_avg, error)
+    paper_reading = error != "measured" and activations == "shared"
+    if paper_reading or method == "uniform":
+        bits = SOLVERS[method](
+            scores, params, candidates, target_avg, error_model(error) if error != "measured" else None
+        )
+        act_bits = bits
+        solved = objective(scores, bits, None if error == "measured" else error)
+    elif method != "ilp":
+        raise AllocationError(
+            f"allocation.method {method!r} solves the paper's reading only: use ilp with error {error!r} and "
+            f"activations {activations!r}"
+        )
+    else:
+        weight_costs = _cost_table(importance, ascending, error, "w")
+        act_costs = _cost_table(importance, ascending, error, "a")
+        elements = _act_elements(importance)
+        if activations == "shared":
+            joint = [
+                [w + a for w, a in zip(wr, ar, strict=True)]
+                for wr, ar in zip(weight_costs, act_costs, strict=True)
+            ]
+            bits = solve_table_ilp(joint, ascending, [(params, target_avg), (elements, target_avg)])
+            act_bits = bits
+        else:
+            bits = solve_table_ilp(weight_costs, ascending, [(params, target_avg)])
+            if activations == "fixed":
+                act_bits = solve_uniform(scores, params, ascending, target_avg)
+            else:
+                act_bits = solve_table_ilp(act_costs, ascending, [(elements, target_avg)])
+        solved = math.fsum(
+            weight_costs[layer][ascending.index(b)] + act_costs[layer][ascending.index(a)]
+            for layer, (b, a) in enumerate(zip(bits, act_bits, strict=True))
+        )
     seconds = time.perf_counter() - start
+    elements = [layer.act_elements for layer in importance.values()]
     return Allocation(
         method=method,
         target_avg=target_avg,
-        candidates=tuple(sorted(candidates)),
-        names=tuple(importance),
+        candidates=tuple(ascending),
+        names=names,
         bits=tuple(bits),
-        objective=objective(scores, bits, error),
+        objective=solved,
         average_bits=average_bits(params, bits),
         solve_seconds=seconds,
+        act_bits=tuple(act_bits),
+        act_average_bits=average_bits(elements, act_bits) if all(elements) else 0.0,
+        error=error if isinstance(error, str) else "custom",
+        activations=activations,
     )
 
 
 def write_plan(allocation: Allocation, path: str | Path) -> Path:
-    """Write plan.json: the report (method, target, candidates, objective, average bits, time) and `bits`."""
+    """Write plan.json: the report (method, target, candidates, objective, both averages, time), the weight
+    `bits` and the activation `act_bits` per layer."""
     path = Path(path)
     report = {
         "method": allocation.method,
+        "error": allocation.error,
+        "activations": allocation.activations,
         "target_avg": allocation.target_avg,
         "candidates": list(allocation.candidates),
         "objective": allocation.objective,
         "average_bits": allocation.average_bits,
+        "act_average_bits": allocation.act_average_bits,
         "solve_seconds": allocation.solve_seconds,
         "bits": allocation.plan,
+        "act_bits": allocation.act_plan,
     }
     path.write_text(json.dumps(report, indent=1) + "\n")
     return path
 
 
 def read_plan(path: str | Path) -> dict[str, int]:
-    """The `{layer: bits}` plan of a plan.json written by `write_plan`."""
+    """The weight `{layer: bits}` plan of a plan.json written by `write_plan`."""
     return json.loads(Path(path).read_text())["bits"]
+
+
+def read_act_plan(path: str | Path) -> dict[str, int]:
+    """The activation `{layer: bits}` plan of a plan.json (the weight plan for files that predate it)."""
+    report = json.loads(Path(path).read_text())
+    return report.get("act_bits", report["bits"])
 
 
 def module_family(name: str) -> str:

@@ -235,20 +235,6 @@ def _dequantized_weight(layer: QuantLayerMixin) -> torch.Tensor:
     return dequantize_affine(codes, quantizer.scale.detach(), quantizer.zero_point.detach(), axis=0)
 
 
-def _float_layer(layer: QuantLayerMixin, weight: torch.Tensor) -> nn.Module:
-    """The plain nn.Linear / nn.Conv2d under a quantized layer, holding `weight`, without its quantizers."""
-    float_class = nn.Linear if isinstance(layer, nn.Linear) else nn.Conv2d
-    plain = float_class.__new__(float_class)
-    plain.__dict__.update(layer.__dict__)
-    plain._parameters = dict(layer._parameters)
-    plain._buffers = dict(layer._buffers)
-    plain._modules = {
-        k: m for k, m in layer._modules.items() if k not in ("weight_quantizer", "input_quantizer")
-    }
-    plain.weight = nn.Parameter(weight.to(layer.weight.dtype), requires_grad=False)
-    return plain
-
-
 def _check_deployable(name: str, layer: QuantLayerMixin) -> None:
     if layer.weight_quantizer.alpha is not None:
         raise MQSAM2Error(
@@ -264,7 +250,7 @@ def _deploy_layer(
     _check_deployable(name, layer)
     if not isinstance(layer, nn.Linear):
         return (
-            _float_layer(layer, _dequantized_weight(layer)),
+            layer.to_float(_dequantized_weight(layer)),
             "float",
             "Conv2d: no low-bit convolution kernel",
         )

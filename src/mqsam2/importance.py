@@ -10,6 +10,7 @@ every rank scores the union of the data.
 """
 
 import json
+import logging
 from collections.abc import Iterable, Mapping
 from functools import partial
 from pathlib import Path
@@ -23,18 +24,26 @@ from torch import Tensor, nn
 
 from mqsam2.errors import MQSAM2Error
 
+log = logging.getLogger(__name__)
+
 QUANTIZABLE = (nn.Linear, nn.Conv2d)
 
 
 class LayerImportance(NamedTuple):
-    """Score S_l of Eq. 4 and the parameter count p_l of Eq. 6.
+    """Score S_l of Eq. 4, the parameter count p_l of Eq. 6 and what a fair activation budget weighs.
 
     `num_params` counts weight elements only: the weights are what a bit-width plan quantizes, and a bias is a
-    rounding error next to them.
+    rounding error next to them. `act_elements` counts the input elements the layer saw over the calibration
+    set (what an activation bit budget is weighted by). `weight_errors` / `act_errors`, when measured
+    (`mqsam2.sensitivity`), map a bit-width to the layer's relative output error with only its weights / only
+    its input quantized at that width.
     """
 
     score: float
     num_params: int
+    act_elements: int = 0
+    weight_errors: dict[str, float] | None = None
+    act_errors: dict[str, float] | None = None
 
 
 def sum_of_squares(x: Tensor, channel_dim: int = -1) -> Tensor:
@@ -127,6 +136,7 @@ class ImportanceCollector:
             raise ValueError("no nn.Linear or nn.Conv2d layer to hook")
         self._sums: dict[str, Tensor] = {}
         self._calls: dict[str, int] = {}
+        self._elements: dict[str, int] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> Self:
@@ -137,6 +147,7 @@ class ImportanceCollector:
                 for name, layer in self.layers.items()
             }
         self._calls = dict.fromkeys(self.layers, 0)
+        self._elements = dict.fromkeys(self.layers, 0)
         self._handles = [
             layer.register_forward_pre_hook(partial(self._accumulate, name), with_kwargs=True)
             for name, layer in self.layers.items()
@@ -158,38 +169,54 @@ class ImportanceCollector:
             else:
                 self._sums[name] += sum_of_squares(x)
         self._calls[name] += 1
+        self._elements[name] += x.numel()
 
-    def compute(self) -> dict[str, LayerImportance]:
-        """Scores of all hooked layers; all-reduces the sums first when torch.distributed is initialised.
+    def compute(self, required: Iterable[str] = ()) -> dict[str, LayerImportance]:
+        """Scores of the hooked layers that saw input; all-reduces the sums first under torch.distributed.
 
-        Every rank must call it (it is a collective then). Raises if a layer saw no input on any rank, since a
-        score of zero would silently send it to the lowest bit-width.
+        Every rank must call it (it is a collective then). A layer that saw no input on any rank is left out
+        with a warning naming it (it stays in floating point: a score of zero would silently send it to the
+        lowest bit-width); it is an error only for the layers named in `required`.
         """
         if not self._sums:
             raise RuntimeError("compute() needs the collector to have been entered")
         device = next(iter(self._sums.values())).device
         names = list(self._sums)
+        counts = [[self._calls[name] for name in names], [self._elements[name] for name in names]]
         flat = torch.cat(
             [self._sums[name].flatten().to(device) for name in names]
-            + [torch.tensor([self._calls[name] for name in names], dtype=torch.float64, device=device)]
+            + [torch.tensor(counts, dtype=torch.float64, device=device).flatten()]
         )
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flat)
+        tail = flat[-2 * len(names) :].tolist()
+        calls, elements = dict(zip(names, tail[: len(names)], strict=True)), tail[len(names) :]
+        elements = dict(zip(names, elements, strict=True))
         sums = dict(
-            zip(names, flat[: -len(names)].split([self._sums[name].numel() for name in names]), strict=True)
+            zip(names, flat[: -2 * len(names)].split([self._sums[n].numel() for n in names]), strict=True)
         )
-        unseen = [name for name, calls in zip(names, flat[-len(names) :].tolist(), strict=True) if calls == 0]
-        if unseen:
+        unseen = [name for name in names if calls[name] == 0]
+        missing = sorted(set(unseen) & set(required))
+        if missing:
             raise MQSAM2Error(
-                f"no calibration input reached {len(unseen)} layer(s): {', '.join(unseen)}; add calibration data "
-                "that runs them (video clips for the memory modules, images for mask-prompt refinement)"
+                f"no calibration input reached {len(missing)} layer(s) that the plan names: {', '.join(missing)}; "
+                "add calibration data that runs them (video clips for the memory modules, images for "
+                "mask-prompt refinement) or drop them from the plan"
+            )
+        if unseen:
+            log.warning(
+                "no calibration input reached %d layer(s), which stay in floating point: %s",
+                len(unseen),
+                ", ".join(unseen),
             )
         return {
             name: LayerImportance(
                 score=weight_activation_score(layer.weight, sums[name].reshape(_input_shape(layer)).sqrt()),
                 num_params=layer.weight.numel(),
+                act_elements=int(elements[name]),
             )
             for name, layer in self.layers.items()
+            if calls[name] > 0
         }
 
 

@@ -57,6 +57,20 @@ class QuantLayerMixin:
         quant._init_quantizers(bits, act_bits)
         return quant
 
+    def to_float(self, weight: torch.Tensor | None = None) -> nn.Module:
+        """The plain float layer under this one (the reverse of `from_float`), holding `weight` if given."""
+        float_class = next(base for base in FLOAT_TO_QUANT if isinstance(self, base))
+        plain = float_class.__new__(float_class)
+        plain.__dict__.update(self.__dict__)
+        plain._parameters = dict(self._parameters)
+        plain._buffers = dict(self._buffers)
+        plain._modules = {
+            k: m for k, m in self._modules.items() if k not in ("weight_quantizer", "input_quantizer")
+        }
+        if weight is not None:
+            plain.weight = nn.Parameter(weight.to(self.weight.dtype), requires_grad=False)
+        return plain
+
 
 class QuantLinear(QuantLayerMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -123,6 +123,13 @@ class ActQuantizer(FakeQuantizer):
     def __init__(self, bits: int):
         super().__init__(bits)
         self.drop_prob = 0.0
+        self.dynamic = False
+
+    def make_dynamic(self) -> None:
+        """The naive baseline: every call quantizes with its own input's min-max range (nothing to learn)."""
+        self.dynamic = True
+        self.initialized.fill_(True)
+        self._known_ready = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
@@ -130,6 +137,9 @@ class ActQuantizer(FakeQuantizer):
             return x
         if not self.enabled:
             return x
+        if self.dynamic:
+            scale, zero_point = params_from_range(x.detach().amin(), x.detach().amax(), self.bits)
+            return fake_quantize(x, scale, zero_point, self.bits)
         self._check_ready()
         if not torch.is_grad_enabled() or (self.drop_prob == 0 and not x.is_cuda):
             return fake_quantize(x, self.scale, self.zero_point, self.bits)

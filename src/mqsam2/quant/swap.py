@@ -45,12 +45,15 @@ class QuantConfig:
     """How to quantize: uniform `bits` or a per-layer `plan`, observers, float layers, attention matmuls.
 
     A plan maps layer names to bit-widths (Eq. 6 output); layers it does not name get `bits`. Weights and the
-    layer's input activations share the width unless `act_bits` fixes the activations (or `weight_only`).
+    layer's input activations share the width unless `act_plan` (per layer) or `act_bits` (all layers) sets
+    the activations' own, or `weight_only` leaves them float. `act_observer: dynamic` is the naive baseline:
+    each live input quantized with its own min-max range, nothing calibrated.
     """
 
     bits: int = 8
     act_bits: int | None = None
     plan: Mapping[str, int] | None = None
+    act_plan: Mapping[str, int] | None = None
     weight_only: bool = False
     weight_observer: str = "minmax"
     act_observer: str = "minmax"
@@ -66,11 +69,12 @@ class QuantConfig:
         for bits in (self.act_bits, self.attention_bits):
             if bits is not None:
                 check_bits(bits)
-        for name, bits in (self.plan or {}).items():
-            try:
-                check_bits(bits)
-            except MQSAM2Error as exc:
-                raise MQSAM2Error(f"plan entry {name}: {exc}") from None
+        for plan in (self.plan, self.act_plan):
+            for name, bits in (plan or {}).items():
+                try:
+                    check_bits(bits)
+                except MQSAM2Error as exc:
+                    raise MQSAM2Error(f"plan entry {name}: {exc}") from None
         self.keep_fp = tuple(self.keep_fp)
 
 
@@ -101,14 +105,15 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
         raise MQSAM2Error(
             f"model is already quantized ({already[0]} ...): build a fresh model to re-quantize"
         )
-    unknown = sorted(set(config.plan or {}) - set(layers))
+    unknown = sorted((set(config.plan or {}) | set(config.act_plan or {})) - set(layers))
     if unknown:
         raise MQSAM2Error(
             f"plan names {len(unknown)} layer(s) that are not quantizable in this model: {', '.join(unknown)}"
         )
     for name, layer in layers.items():
         bits = (config.plan or {}).get(name, config.bits)
-        act_bits = None if config.weight_only else (config.act_bits or bits)
+        act_bits = (config.act_plan or {}).get(name, config.act_bits or bits)
+        act_bits = None if config.weight_only else act_bits
         quant = FLOAT_TO_QUANT[type(layer)].from_float(layer, bits, act_bits)
         _replace(model, name, quant)
     if config.quantize_attention:
@@ -159,14 +164,20 @@ def init_weight_quantizers(model: nn.Module, config: QuantConfig) -> None:
 def calibration(model: nn.Module, config: QuantConfig | None = None) -> Iterator[None]:
     """Run float forward passes inside the block; on exit every quantizer holds its calibrated range.
 
-    Activations are observed with all quantizers off (the float network's statistics). Quantizers that saw no
-    data are listed in a warning and raise a clear error if used later.
+    Activations are observed with all quantizers off (the float network's statistics). A layer whose input
+    the calibration data never reached goes back to floating point with a warning that names it; that is an
+    error only for layers the plan names explicitly. With the `dynamic` act observer nothing is observed.
     """
     config = config or getattr(model, "mqsam2_quant_config", QuantConfig())
     init_weight_quantizers(model, config)
     act_quantizers = {
         name: q for name, q in fake_quantizers(model).items() if not isinstance(q, WeightQuantizer)
     }
+    if config.act_observer == "dynamic":
+        for quantizer in act_quantizers.values():
+            quantizer.make_dynamic()
+        yield
+        return
     for quantizer in fake_quantizers(model).values():
         quantizer.enabled = False
     for quantizer in act_quantizers.values():
@@ -183,11 +194,35 @@ def calibration(model: nn.Module, config: QuantConfig | None = None) -> Iterator
         unseen = [name for name, q in act_quantizers.items() if not q.finish_observing()]
         for quantizer in fake_quantizers(model).values():
             quantizer.enabled = True
-    if unseen:
+    _keep_unreached_in_float(model, unseen, config)
+
+
+def _keep_unreached_in_float(model: nn.Module, unseen: list[str], config: QuantConfig) -> None:
+    """Layers whose input quantizer saw no data go back to float (named in a warning); the attention matmul
+    quantizers that saw none are only listed, since their module never ran."""
+    suffix = ".input_quantizer"
+    layers = [name.removesuffix(suffix) for name in unseen if name.endswith(suffix)]
+    explicit = sorted(set(layers) & (set(config.plan or {}) | set(config.act_plan or {})))
+    if explicit:
+        raise MQSAM2Error(
+            f"no calibration input reached {len(explicit)} layer(s) that the plan names: {', '.join(explicit)}; "
+            "add calibration data that runs them (video clips for the memory modules, images for mask-prompt "
+            "refinement) or drop them from the plan"
+        )
+    for name in layers:
+        _replace(model, name, model.get_submodule(name).to_float())
+    if layers:
         log.warning(
-            "%d activation quantizer(s) saw no calibration data (e.g. %s): feed data that exercises them",
-            len(unseen),
-            unseen[0],
+            "no calibration input reached %d layer(s), which stay in floating point: %s",
+            len(layers),
+            ", ".join(layers),
+        )
+    others = [name for name in unseen if not name.endswith(suffix)]
+    if others:
+        log.warning(
+            "%d attention quantizer(s) saw no calibration data (e.g. %s): feed data that exercises them",
+            len(others),
+            others[0],
         )
 
 
