@@ -1,0 +1,181 @@
+"""The library front door: the whole recipe (importance -> allocation -> quantize -> calibrate -> reconstruct)
+as functions on a float SAM2 and a calibration `Workload`, with no run directory and no CLI.
+
+    from mqsam2.api import Recipe, quantize_sam2
+    result = quantize_sam2(float_model, workload, Recipe(method="mixqsam2-measured", bits=4))
+    result.model  # the quantized, calibrated, reconstructed SAM2 (the float model is left untouched)
+
+The fit CLI's stages, the compare grid and the benchmarks call these functions; the method registry
+(`mqsam2.methods`) says what each method does at each step.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from mqsam2.allocation import Allocation, allocate
+from mqsam2.config import ReconstructionConfig
+from mqsam2.importance import ImportanceCollector, LayerImportance
+from mqsam2.methods import Method, get_method
+from mqsam2.quant import calibration, quantizable_layers, quantize
+from mqsam2.quant.swap import QuantConfig
+from mqsam2.sensitivity import measure_layer_errors
+from mqsam2.workload import Workload
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Recipe:
+    """One quantization: a registered method at a width (uniform WbAb, or the Avg-b target of a mixed method),
+    on top of shared quantizer and reconstruction settings."""
+
+    method: str = "mixqsam2-measured"
+    bits: float = 4
+    candidates: list[int] | None = None
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    seed: int = 0
+
+    @property
+    def resolved(self) -> Method:
+        return get_method(self.method)
+
+    def candidate_widths(self) -> list[int]:
+        """Mixed: the given candidates or one bit either side of the target ({3,4,5} for Avg-4); uniform: b."""
+        if not self.resolved.mixed:
+            return [int(self.bits)]
+        if self.candidates:
+            return sorted(self.candidates)
+        centre = round(self.bits)
+        return [b for b in (centre - 1, centre, centre + 1) if 2 <= b <= 8]
+
+
+@dataclass
+class QuantizedSAM2:
+    """What the recipe produced: the model and the allocation it was quantized with."""
+
+    model: nn.Module
+    allocation: Allocation
+
+
+def measure_importance(
+    model: nn.Module,
+    workload: Workload,
+    quant: QuantConfig,
+    measured_widths: Sequence[int] | None = None,
+) -> dict[str, LayerImportance]:
+    """Eq. 2-4 for every layer the config would quantize (unreached layers left out, so they stay float), plus
+    the measured error tables at `measured_widths` when given (`allocation.error: measured`)."""
+    layers = quantizable_layers(model, quant.keep_fp)
+    with ImportanceCollector(model, layers) as collector:
+        workload.run_full(model)
+    importance = collector.compute(required=[*(quant.plan or {}), *(quant.act_plan or {})])
+    if measured_widths:
+        reached = {name: layers[name] for name in importance}
+        errors = measure_layer_errors(reached, lambda: workload.run_full(model), measured_widths, quant)
+        importance = {
+            name: layer._replace(weight_errors=errors[name][0], act_errors=errors[name][1])
+            for name, layer in importance.items()
+        }
+    return importance
+
+
+def allocate_bits(importance: dict[str, LayerImportance], recipe: Recipe) -> Allocation:
+    """The method's allocation: Eq. 6 for mixed methods, every layer at b for uniform ones."""
+    method = recipe.resolved
+    if not method.mixed:
+        return allocate(
+            importance, method="uniform", target_avg=int(recipe.bits), candidates=[int(recipe.bits)]
+        )
+    return allocate(
+        importance,
+        method="ilp",
+        target_avg=recipe.bits,
+        candidates=recipe.candidate_widths(),
+        error=method.error,
+        activations=method.activations,
+    )
+
+
+def quant_config(recipe: Recipe, allocation: Allocation) -> QuantConfig:
+    """The shared quantizer settings with the method's observers and the allocation's per-layer widths."""
+    method = recipe.resolved
+    return dataclasses.replace(
+        recipe.quant,
+        bits=max(allocation.bits),
+        plan=allocation.plan,
+        act_plan=allocation.act_plan,
+        weight_observer=method.weight_observer,
+        act_observer=method.act_observer,
+        quantize_attention=recipe.quant.quantize_attention or method.quantize_attention,
+    )
+
+
+def quantize_calibrated(
+    float_model: nn.Module, config: QuantConfig, workload: Workload, method: Method | None = None
+) -> nn.Module:
+    """A quantized copy of the float model with every quantizer initialised from the calibration passes."""
+    model = copy.deepcopy(float_model)
+    if method is not None and method.before_quantize is not None:
+        method.before_quantize(model, workload)
+    quantize(model, config)
+    with calibration(model, config):
+        workload.run_full(model)
+    if method is not None and method.after_calibration is not None:
+        method.after_calibration(model, workload)
+    return model
+
+
+def reconstruct(
+    model: nn.Module,
+    float_model: nn.Module,
+    workload: Workload,
+    config: ReconstructionConfig,
+    workdir: str | Path,
+    loggers: Sequence = (),
+    seed: int = 0,
+) -> None:
+    """Block-wise reconstruction of every unit (resumable in `workdir`); nothing for mode `none`."""
+    if config.mode == "none":
+        return
+    from mqsam2.reconstruct.driver import Reconstructor
+
+    reconstructor = Reconstructor(
+        model, float_model, workload, config, Path(workdir), list(loggers), seed=seed, only=config.units
+    )
+    log.info("reconstruction: %s over %d units", config.mode, len(reconstructor.units))
+    reconstructor.run()
+
+
+def quantize_sam2(
+    float_model: nn.Module,
+    workload: Workload,
+    recipe: Recipe,
+    workdir: str | Path | None = None,
+    importance: dict[str, LayerImportance] | None = None,
+) -> QuantizedSAM2:
+    """The whole recipe of `recipe.method`; `workdir` keeps reconstruction resumable (a temporary one if None),
+    `importance` reuses measurements made earlier on the same model and data."""
+    method = recipe.resolved
+    measured = recipe.candidate_widths() if method.error == "measured" else None
+    if importance is None or (measured and not next(iter(importance.values())).weight_errors):
+        importance = measure_importance(float_model, workload, recipe.quant, measured)
+    allocation = allocate_bits(importance, recipe)
+    config = quant_config(recipe, allocation)
+    model = quantize_calibrated(float_model, config, workload, method)
+    rec = dataclasses.replace(recipe.reconstruction, mode=method.reconstruction)
+    if workdir is None:
+        with tempfile.TemporaryDirectory(prefix="mqsam2-") as tmp:
+            reconstruct(model, float_model, workload, rec, tmp, seed=recipe.seed)
+    else:
+        reconstruct(model, float_model, workload, rec, workdir, seed=recipe.seed)
+    return QuantizedSAM2(model, allocation)

@@ -1,0 +1,19 @@
+"""The method registry: every quantization method is one module here plus one import line below.
+
+`get_method(name)` returns its `Method`; `mqsam2.api.quantize_sam2` runs the recipe it declares."""
+
+from mqsam2.methods import (  # noqa: F401  (each module registers its method on import)
+    adaround,
+    brecq,
+    dynamic,
+    fp,
+    minmax,
+    mixqsam2,
+    mixqsam2_measured,
+    omse,
+    percentile,
+    qdrop,
+)
+from mqsam2.methods.registry import METHODS, Method, get_method, register
+
+__all__ = ["METHODS", "Method", "get_method", "register"]

@@ -1,0 +1,66 @@
+"""Quantization methods as registered configs (torchao's one-config-per-technique habit): each method module
+declares one `Method` and registers it by name; `mqsam2.api` is the one place that reads them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from mqsam2.errors import MQSAM2Error
+
+Hook = Callable[[nn.Module, object], None]
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a method allocates, which quantizers it uses, what it learns per unit, and its hooks.
+
+    - allocation: `mixed` methods solve Eq. 6 for an Avg-b target over candidates {b-1, b, b+1} with the
+      `error` model; `activations` says how input widths are chosen (see `mqsam2.allocation.allocate`).
+      Uniform methods put every layer at b (WbAb).
+    - quantizers: the observers that initialise weight and activation ranges (`dynamic`: per live input), and
+      whether attention matmuls are quantized.
+    - per unit: `reconstruction` is the learning recipe (`none`, `adaround`, `brecq`, `qdrop`).
+    - hooks: `before_quantize(float_model, workload)` runs on the model's copy before layers are swapped (e.g.
+      an output-preserving reparametrisation); `after_calibration(model, workload)` after the observers.
+    """
+
+    name: str
+    summary: str
+    mixed: bool = False
+    error: str = "pow2"
+    activations: Literal["shared", "fixed", "separate"] = "shared"
+    weight_observer: str = "minmax"
+    act_observer: str = "minmax"
+    quantize_attention: bool = False
+    reconstruction: Literal["none", "adaround", "brecq", "qdrop"] = "none"
+    before_quantize: Hook | None = None
+    after_calibration: Hook | None = None
+
+    @property
+    def quantizes(self) -> bool:
+        return self.name != "fp"
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add a method to the registry (one line in its module); names are unique."""
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str | Method) -> Method:
+    """The registered method of that name, or a one-line error listing the registered ones."""
+    if isinstance(name, Method):
+        return name
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise MQSAM2Error(f"unknown method {name!r}: use one of {', '.join(sorted(METHODS))}") from None
