@@ -44,6 +44,7 @@ class Recipe:
     quant: QuantConfig = field(default_factory=QuantConfig)
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
     seed: int = 0
+    learn: bool = True  # False stops after calibration: the round-to-nearest ablation of a learning method
 
     @property
     def resolved(self) -> Method:
@@ -172,7 +173,7 @@ def quantize_sam2(
     allocation = allocate_bits(importance, recipe)
     config = quant_config(recipe, allocation)
     model = quantize_calibrated(float_model, config, workload, method)
-    rec = dataclasses.replace(recipe.reconstruction, mode=method.reconstruction)
+    rec = dataclasses.replace(recipe.reconstruction, mode=method.reconstruction if recipe.learn else "none")
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="mqsam2-") as tmp:
             reconstruct(model, float_model, workload, rec, tmp, seed=recipe.seed)
