@@ -37,7 +37,23 @@ class QuantLayerMixin:
         return None if self.input_quantizer is None else self.input_quantizer.bits
 
     def quantized_weight(self) -> torch.Tensor:
-        return self.weight_quantizer(self.weight)
+        """The fake-quantized weight; without gradients it is computed once and reused until the weight or
+        its quantizer changes (evaluation would otherwise re-quantize every weight at every call)."""
+        quantizer = self.weight_quantizer
+        if torch.is_grad_enabled() or quantizer.alpha is not None or not quantizer.enabled:
+            return quantizer(self.weight)
+        weight = self.weight
+        key = (
+            weight.data_ptr(),
+            weight._version,
+            quantizer.scale._version,
+            quantizer.zero_point._version,
+            quantizer.bits,
+        )
+        if getattr(self, "_frozen_key", None) != key:
+            self._frozen_weight = quantizer(weight)
+            self._frozen_key = key
+        return self._frozen_weight
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)

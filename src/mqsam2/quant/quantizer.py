@@ -141,10 +141,23 @@ class ActQuantizer(FakeQuantizer):
             scale, zero_point = params_from_range(x.detach().amin(), x.detach().amax(), self.bits)
             return fake_quantize(x, scale, zero_point, self.bits)
         self._check_ready()
+        if not torch.is_grad_enabled() and x.dtype == torch.float32:
+            # One fused kernel, bit for bit the same arithmetic as fake_quantize (see quant/affine.py).
+            return torch.fake_quantize_per_tensor_affine(
+                x, self.scale.detach(), self._integer_zero_point(), 0, qmax(self.bits)
+            )
         if not torch.is_grad_enabled() or (self.drop_prob == 0 and not x.is_cuda):
             return fake_quantize(x, self.scale, self.zero_point, self.bits)
         train = _fused_training_fake_quantize if x.is_cuda else _training_fake_quantize
         return train(x, self.scale, self.zero_point, *self._training_constants(x.device))
+
+    def _integer_zero_point(self) -> torch.Tensor:
+        """The zero-point as the int32 tensor PyTorch's fused fake-quant takes, converted once per change."""
+        key = (self.zero_point.data_ptr(), self.zero_point._version)
+        if getattr(self, "_zero_point_key", None) != key:
+            self._zero_point_int = self.zero_point.detach().round().to(torch.int32)
+            self._zero_point_key = key
+        return self._zero_point_int
 
     def _training_constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(top code, drop rate) as device tensors, made once rather than copied to the device every step."""
