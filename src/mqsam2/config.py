@@ -22,7 +22,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Shards to read (globs or brace patterns); without them, synthetic shards are generated under `root`."""
+    """Shards to read (folders, globs, brace patterns or paths, alone or in lists); without them, synthetic
+    shards are generated under `root`."""
 
     root: str = "data/synth"
     video_shards: list[str] | None = None

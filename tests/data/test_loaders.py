@@ -11,7 +11,7 @@ from PIL import Image
 from sam2.utils.misc import _load_img_as_tensor
 
 from mqsam2.data.format import DataError, ShardWriter, VideoRecord, encode_mask, encode_video, read_shard
-from mqsam2.data.loaders import calibration_set, collate_clips, video_dataset
+from mqsam2.data.loaders import calibration_set, collate_clips, expand_urls, video_dataset
 
 
 def _jpeg(pixels):
@@ -172,6 +172,54 @@ def test_calibration_asks_for_more_than_the_shards_hold(synth_set):
         calibration_set(synth_set.videos, None, num_videos=9, frames_per_video=12, num_images=0)
     with pytest.raises(DataError, match=r"asked for 17 images .*shards hold 16: lower calibration\.images"):
         calibration_set(None, synth_set.images, num_videos=0, num_images=17)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "{folder}",
+        "{folder}/",
+        ["{folder}"],
+        "{folder}/synth-*.tar",
+        ["{folder}/synth-00000[01].tar", "{folder}/synth-00000[23].tar"],
+        "{folder}/synth-{{000000..000003}}.tar",
+        ["{folder}/synth-000000.tar", "{folder}", "{root}/vid*"],
+    ],
+    ids=["folder", "folder/", "[folder]", "glob", "[globs]", "brace", "[file, folder, glob of folders]"],
+)
+def test_shard_sources_of_every_kind_expand_to_the_shards(synth_set, spec):
+    """The truth is the writer's own list of shards (4 in videos/); folders, globs, braces and paths mix."""
+    folder = Path(synth_set.videos[0]).parent
+    fill = {"folder": folder, "root": folder.parent}
+    spec = [s.format(**fill) for s in spec] if isinstance(spec, list) else spec.format(**fill)
+    shards = expand_urls(spec)
+    assert set(shards) == set(synth_set.videos) and all(Path(s).is_file() for s in shards)
+
+
+def test_calibration_reads_a_list_holding_a_folder(synth_set):
+    """The shipped paper configs' form: `video_shards: [data/shards/sav_train]`."""
+    folder = str(Path(synth_set.videos[0]).parent)
+    assert len(calibration_set([folder], None, num_videos=1, frames_per_video=2, num_images=0).videos) == 1
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("empty", r"empty: no \.tar shards in this folder"),
+        ("nothing-*.tar", r"nothing-\*\.tar: no file matches this pattern"),
+        ([], "no shard URLs given"),
+    ],
+)
+def test_a_source_that_names_no_shard_is_an_error_naming_it(tmp_path, spec, message):
+    (tmp_path / "empty").mkdir()
+    spec = str(tmp_path / spec) if isinstance(spec, str) else spec
+    with pytest.raises(DataError, match=message):
+        expand_urls(spec)
+
+
+def test_a_folder_read_as_one_shard_is_named_a_folder_not_a_corrupt_tar(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path}: a folder, not a shard"):
+        list(read_shard(str(tmp_path)))
 
 
 def test_corrupt_shard_stops_the_loader_or_is_skipped(synth_set, tmp_path, caplog):

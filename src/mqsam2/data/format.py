@@ -331,8 +331,13 @@ def read_shard(url: str) -> Iterator[Sample]:
             raise DataError(f"{url}: truncated shard (no end-of-archive marker); {FIX_SHARD}")
     except FileNotFoundError:
         raise DataError(f"{url}: no such shard; check the path or brace pattern") from None
+    except IsADirectoryError:
+        raise DataError(
+            f"{url}: a folder, not a shard; give it to expand_urls (or the config) to read its .tar files"
+        ) from None
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-        reason = str(exc.args[0]).split(" @ ")[0] if exc.args else type(exc).__name__
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else None
+        reason = reason or (str(exc.args[0]).split(" @ ")[0] if exc.args else type(exc).__name__)
         raise DataError(f"{url}: corrupt or truncated shard ({reason}); {FIX_SHARD}") from None
     finally:
         if stream is not None:

@@ -6,6 +6,7 @@ Frames are prepared exactly as sam2's own video loader does (RGB, resized to SxS
 
 from __future__ import annotations
 
+import glob
 import io
 import logging
 import random
@@ -107,17 +108,39 @@ class CalibrationSet:
 
 
 def expand_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
-    """Shard URLs from a brace pattern (data/x-{000000..000007}.tar), a folder of .tar files, or a list."""
-    if isinstance(urls, (str, Path)) and Path(urls).is_dir():
-        found = sorted(str(p) for p in Path(urls).glob("*.tar"))
-        if not found:
-            raise DataError(f"{urls}: no .tar shards in this folder")
-        return found
+    """Shard URLs from any mix of folders of .tar files, globs (data/sav-*.tar), brace patterns
+    (data/x-{000000..000007}.tar) and plain paths or URLs, alone or in a list; a folder or pattern that
+    matches no shard is an error naming it."""
     items = [urls] if isinstance(urls, (str, Path)) else list(urls)
-    expanded = [url for item in items for url in wds.shardlists.expand_urls(str(item))]
+    expanded = [
+        shard
+        for item in items
+        for url in wds.shardlists.expand_urls(str(item))  # brace patterns (and "::"-joined lists)
+        for shard in _expand_local(url)
+    ]
     if not expanded:
         raise DataError("no shard URLs given")
     return expanded
+
+
+def _expand_local(url: str) -> list[str]:
+    """A local folder becomes its .tar files and a glob its matches (folders among them expanded too);
+    anything else (a file, a remote URL, a `pipe:` command) is a shard URL as it is."""
+    if "://" in url or url.startswith("pipe:"):
+        return [url]
+    if Path(url).is_dir():
+        found = sorted(str(p) for p in Path(url).glob("*.tar"))
+        if not found:
+            raise DataError(
+                f"{url}: no .tar shards in this folder; point data.*_shards at the shards' folder"
+            )
+        return found
+    if glob.has_magic(url):
+        matches = sorted(glob.glob(url, recursive=True))
+        if not matches:
+            raise DataError(f"{url}: no file matches this pattern; check the path")
+        return [shard for match in matches for shard in _expand_local(match)]
+    return [url]
 
 
 def normalise(rgb: np.ndarray, out: Tensor | None = None) -> Tensor:
