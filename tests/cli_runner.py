@@ -16,6 +16,7 @@ import functools
 import importlib
 import multiprocessing
 import os
+import resource
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -79,7 +80,16 @@ def _arm(fault: Fault) -> None:
     setattr(owner, name, patched)
 
 
-def _child(module: str, argv: list[str], cwd: str, env: dict, out: str, err: str, fault: Fault | None) -> None:
+def _child(
+    module: str,
+    argv: list[str],
+    cwd: str,
+    env: dict,
+    out: str,
+    err: str,
+    fault: Fault | None,
+    fsize: int | None,
+) -> None:
     for fd, path in ((1, out), (2, err)):
         handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(handle, fd)
@@ -90,6 +100,9 @@ def _child(module: str, argv: list[str], cwd: str, env: dict, out: str, err: str
         signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
     if fault is not None:
         _arm(fault)
+    if fsize is not None:  # writes past it fail with EFBIG, as they would with ENOSPC on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
     sys.argv = [module, *argv]
     sys.exit(importlib.import_module(module).main(argv))
 
@@ -105,13 +118,28 @@ class Runner:
         self.count = 0
 
     def __call__(
-        self, command: str, *argv: str, fault: Fault | None = None, cwd: Path | None = None, timeout: float = 600
+        self,
+        command: str,
+        *argv: str,
+        fault: Fault | None = None,
+        file_size_limit: int | None = None,
+        timeout: float = 600,
     ) -> Result:
+        """Run `command argv` to its end; `file_size_limit` (bytes) caps every file it writes."""
         self.count += 1
         out, err = self.workdir / f"{self.count}.out", self.workdir / f"{self.count}.err"
         process = self.context.Process(
             target=_child,
-            args=(COMMANDS[command], list(argv), str(cwd or Path.cwd()), self.env, str(out), str(err), fault),
+            args=(
+                COMMANDS[command],
+                list(argv),
+                str(Path.cwd()),
+                self.env,
+                str(out),
+                str(err),
+                fault,
+                file_size_limit,
+            ),
         )
         process.start()
         process.join(timeout)

@@ -211,7 +211,10 @@ def test_checksums_are_the_sha256_of_the_file_and_the_crc32_of_each_tensor(quant
 @pytest.mark.parametrize(
     "damage,message",
     [
-        ("payload", r"damaged: the bytes of image_encoder\.trunk\.blocks\.0\.attn\.qkv \(codes\) do not match"),
+        (
+            "payload",
+            r"damaged: the bytes of image_encoder\.trunk\.blocks\.0\.attn\.qkv \(codes\) do not match",
+        ),
         ("header", r"is damaged|header is damaged"),
         ("truncated", r"is damaged: payload of \d+ bytes, header says \d+"),
         ("trailer", r"is damaged: its checksum does not match"),

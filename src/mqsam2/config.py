@@ -240,9 +240,11 @@ def check_yaml(path: str | Path) -> None:
     try:
         yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+        mark, context = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if context is not None and getattr(exc, "context", None):
+            problem = f"{exc.context} from line {context.line + 1}: {problem}"
         raise MQSAM2Error(f"{where}: invalid YAML ({problem}); fix the file") from None
 
 

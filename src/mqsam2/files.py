@@ -9,6 +9,7 @@ are atomic against process death; they are not fsync'ed, so a power loss may sti
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,16 +33,29 @@ def atomic_output(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     path = Path(path)
     tmp = temporary_path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(path.parent)
         with open(tmp, mode) as stream:
             yield stream
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
+
+
+def make_folder(folder: Path) -> None:
+    """`mkdir -p`, where a file in the way is ENOTDIR naming the folder (mkdir says EEXIST)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file stands where a folder of the path should be
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder)) from None
+
+
+def _remove(tmp: Path) -> None:
+    with contextlib.suppress(OSError):  # e.g. its folder could not be made in the first place
+        tmp.unlink(missing_ok=True)
 
 
 def write_text(path: str | Path, text: str) -> Path:

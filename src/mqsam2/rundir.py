@@ -27,7 +27,7 @@ from torch import nn
 from mqsam2.allocation import read_plan
 from mqsam2.config import FitConfig, config_dict, load_config, resume_identity
 from mqsam2.errors import MQSAM2Error
-from mqsam2.files import TMP_SUFFIX, load_torch, write_text
+from mqsam2.files import TMP_SUFFIX, load_torch, make_folder, write_text
 from mqsam2.models import build_architecture, config_name
 from mqsam2.quant.swap import quantize
 from mqsam2.reconstruct.driver import phases
@@ -140,7 +140,7 @@ class RunDir:
             elif done:
                 log.info("resuming run %s", self.path)
         if rank == 0:
-            self.path.mkdir(parents=True, exist_ok=True)
+            make_folder(self.path)
             for stale in self.path.rglob(f".*{TMP_SUFFIX}"):
                 stale.unlink(missing_ok=True)
             write_text(self.config_file, yaml.safe_dump(config_dict(config), sort_keys=False))
