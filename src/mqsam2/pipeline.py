@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import lightning as L
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader
 from mqsam2.allocation import allocate, plot_allocation, read_plan, write_plan
 from mqsam2.callbacks import EvaluationCallback
 from mqsam2.config import FitConfig
-from mqsam2.data import calibration_set, ensure_synth
+from mqsam2.data import calibration_set, ensure_synth, validation_set
 from mqsam2.distributed import local_rank, rank_and_world, trainer_layout
 from mqsam2.errors import MQSAM2Error
 from mqsam2.evaluate import evaluate_video_grid
@@ -27,7 +28,7 @@ from mqsam2.export import export_model
 from mqsam2.export.card import bytes_table, card_paths, run_details, run_fp_bytes
 from mqsam2.files import save_torch, write_text
 from mqsam2.importance import ImportanceCollector, read_importance, write_importance
-from mqsam2.metrics.coco import mask_map
+from mqsam2.metrics.coco import MaskMAP, mask_map
 from mqsam2.models import build_sam2
 from mqsam2.quant import calibration, quantizable_layers, quantize
 from mqsam2.reconstruct.driver import Reconstructor
@@ -85,13 +86,14 @@ def load_float_model(config: FitConfig) -> torch.nn.Module:
 @dataclass
 class Datasets:
     calibration: Workload
-    val_videos: list
-    val_images: list
+    val_videos: Sequence  # lazy: each clip is read from its shard when evaluated
+    val_images: Sequence
 
 
 def load_data(config: FitConfig, image_size: int) -> Datasets:
     """Calibration (and, when evaluation runs, validation) sets from the configured shards, or from synthetic
-    shards made on demand."""
+    shards made on demand. The validation set is only selected here (shard and key of each item); its clips
+    and images are decoded one at a time when evaluated."""
     data = config.data
     video_shards, image_shards = data.video_shards, data.image_shards
     evaluate = config.evaluation.enabled
@@ -126,7 +128,7 @@ def load_data(config: FitConfig, image_size: int) -> Datasets:
         data.seed,
     )
     val = (
-        calibration_set(
+        validation_set(
             val_videos, val_images, data.val_videos, data.val_frames, data.val_images, image_size, data.seed
         )
         if val_videos or val_images
@@ -307,27 +309,33 @@ def stage_evaluate(
     )
     trainer.validate(EvaluationModule(model, float_model), DataLoader([0]), verbose=False)
     validation = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if rank_and_world()[0] != 0:  # the comparison table is a report: one rank builds it
-        return {"validation": validation}
+    # The comparison table: every rank scores its share of the clips and images, the metrics sum over ranks.
+    rank, world = rank_and_world()
     models = {"FP": float_model}
     for bits in cfg.baselines:
         models[f"W{bits}A{bits} ({config.quant.act_observer})"] = uniform_baseline(
             float_model, bits, config, data.calibration
         )
     models[config.name] = model
+    device = next(model.parameters()).device
+    clips, image_share = data.val_videos[rank::world], images[rank::world]
     rows = (
-        evaluate_video_grid(models, data.val_videos, float_model, cfg.memory, config.data.prompt)
+        evaluate_video_grid(models, clips, float_model, cfg.memory, config.data.prompt, device)
         if data.val_videos
         else []
     )
     if images:
         for name, candidate in models.items():
-            stats = mask_map(candidate, images, cfg.detections)
-            fidelity = mask_map(candidate, images, cfg.detections, reference=float_model)
+            stats = mask_map(candidate, image_share, cfg.detections, metric=MaskMAP().to(device))
+            fidelity = mask_map(
+                candidate, image_share, cfg.detections, reference=float_model, metric=MaskMAP().to(device)
+            )
             for row in rows:
                 if row["model"] == name:
                     row |= {"mAP": stats["mAP"], "fidelity/mAP": fidelity["mAP"]}
     results = {"validation": validation, "table": rows}
+    if rank != 0:
+        return {"validation": validation}
     write_text(run.metrics, json.dumps(results, indent=1) + "\n")
     caveat = (
         "" if config.model.checkpoint else "; random-init weights: only the 'vs FP' columns mean something"

@@ -11,7 +11,15 @@ from PIL import Image
 from sam2.utils.misc import _load_img_as_tensor
 
 from mqsam2.data.format import DataError, ShardWriter, VideoRecord, encode_mask, encode_video, read_shard
-from mqsam2.data.loaders import calibration_set, collate_clips, expand_urls, video_dataset
+from mqsam2.data.loaders import (
+    LazySamples,
+    SampleRef,
+    calibration_set,
+    collate_clips,
+    expand_urls,
+    validation_set,
+    video_dataset,
+)
 
 
 def _jpeg(pixels):
@@ -167,10 +175,24 @@ def test_calibration_set_is_the_same_on_every_rank(synth_set, ranks):
     ]
 
 
+def test_validation_set_decodes_each_item_when_indexed_and_selects_what_calibration_would(synth_set):
+    """A lazy set keeps only shard references; each item read back equals the eagerly decoded one."""
+    eager = calibration_set(synth_set.videos, synth_set.images, 3, 6, 2, image_size=32, seed=5)
+    lazy = validation_set(synth_set.videos, synth_set.images, 3, 6, 2, image_size=32, seed=5)
+    assert all(isinstance(ref, SampleRef) for ref in lazy.videos.refs + lazy.images.refs)
+    assert len(lazy.videos) == 3 and len(lazy.images) == 2
+    for got, want in zip(lazy.videos, eager.videos, strict=True):
+        assert (got.video_id, got.frame_indices) == (want.video_id, want.frame_indices)
+        assert torch.equal(got.frames, want.frames) and torch.equal(got.masks, want.masks)
+    assert [s.image_id for s in lazy.images] == [s.image_id for s in eager.images]
+    share = lazy.videos[1::2]  # a rank's share is lazy too
+    assert isinstance(share, LazySamples) and [c.video_id for c in share] == [eager.videos[1].video_id]
+
+
 def test_calibration_asks_for_more_than_the_shards_hold(synth_set):
-    with pytest.raises(DataError, match=r"asked for 9 videos .*shards hold 8: lower calibration\.videos"):
+    with pytest.raises(DataError, match=r"asked for 9 videos .*shards hold 8: lower data\.calib_videos"):
         calibration_set(synth_set.videos, None, num_videos=9, frames_per_video=12, num_images=0)
-    with pytest.raises(DataError, match=r"asked for 17 images .*shards hold 16: lower calibration\.images"):
+    with pytest.raises(DataError, match=r"asked for 17 images .*shards hold 16: lower data\.calib_images"):
         calibration_set(None, synth_set.images, num_videos=0, num_images=17)
 
 
