@@ -57,3 +57,27 @@ def test_no_validation_data_is_made_or_read_when_evaluation_is_off(tmp_path):
     assert len(datasets.calibration.videos) == 1
     # synthetic sets are named by their settings; the held-out one uses seed + 1
     assert [p.name for p in tmp_path.iterdir()] == ["v1x2-s64-i1-seed0"]
+
+
+def test_every_choice_field_lists_exactly_what_its_registry_accepts():
+    """The parser's valid values (the Literal types) must not drift from the code that consumes them."""
+    from typing import get_args, get_origin, get_type_hints
+
+    from mqsam2.allocation import ERROR_MODELS, SOLVERS
+    from mqsam2.config import AllocationConfig, DataConfig, EvaluationConfig, ReconstructionConfig
+    from mqsam2.evaluate import PromptKind
+    from mqsam2.memory import MEMORY_POLICIES
+    from mqsam2.quant.observers import OBSERVERS
+    from mqsam2.quant.swap import QuantConfig
+    from mqsam2.reconstruct.units import UNIT_MODES
+
+    def choices(cls, name):
+        hint = get_type_hints(cls)[name]
+        return set(get_args(get_args(hint)[0] if get_origin(hint) is list else hint))
+
+    assert choices(AllocationConfig, "method") == set(SOLVERS)
+    assert choices(AllocationConfig, "error") == set(ERROR_MODELS)
+    assert choices(ReconstructionConfig, "mode") == set(UNIT_MODES)
+    assert choices(QuantConfig, "weight_observer") == choices(QuantConfig, "act_observer") == set(OBSERVERS)
+    assert choices(DataConfig, "prompt") == set(get_args(PromptKind))
+    assert choices(EvaluationConfig, "memory") == set(MEMORY_POLICIES)

@@ -10,6 +10,7 @@ Hiera blocks reconstructed for 4 steps each.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -19,7 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from mqsam2.config import config_dict, parse_config
+from mqsam2.export.card import card_paths
+from mqsam2.files import write_text
 from mqsam2.rundir import RunDir
 from tests.cli_runner import Fault, Runner
 
@@ -241,7 +246,7 @@ DATA_CASES = {
     ),
     "missing annotations": (
         ["convert-coco", "--images", "{root}", "--annotations", "{root}/nope.json", "--out", "{root}/out"],
-        r"error: \S+/nope\.json",
+        r"error: \S+/nope\.json: no such annotations file; give the instances_\*\.json path",
     ),
 }
 
@@ -322,3 +327,42 @@ def test_an_interrupted_run_reruns_to_a_bit_identical_export(tiny, runner, tmp_p
     assert run.export.read_bytes() == tiny.run.export.read_bytes()
     assert [r["unit"] for r in run.unit_records()] == list(UNITS)
     assert not [name for name in _files(run.path) if name.endswith(".tmp")]
+
+
+# ---- a unit that reconstruction makes worse ---------------------------------------------------------------------
+
+
+def test_a_unit_made_worse_stops_the_run_or_keeps_round_to_nearest(tiny, runner, tmp_path):
+    """Adam at lr 1 throws the rounding variables around: the first unit ends far above its round-to-nearest
+    error. The run stops with one line; rerun with on_blowup=keep_rtn it keeps that unit's calibrated weights,
+    says so, and the model card lists it."""
+    hot = ["--reconstruction.lr_rounding", "1", "--reconstruction.lr_act", "1"]
+    run = RunDir(tmp_path / "tiny")
+    for name in STARTS["calibrated"][1:]:  # the stages before reconstruction do not read the learning rates
+        run.path.mkdir(exist_ok=True)
+        shutil.copy(tiny.run.path / name, run.path / name)
+    write_text(run.config_file, yaml.safe_dump(config_dict(parse_config(tiny.args(tmp_path, *hot)))))
+
+    stopped = runner("fit", *tiny.args(tmp_path, *hot))
+    assert stopped.status == 2, stopped.describe()
+    assert re.fullmatch(
+        rf"error: unit {re.escape(UNITS[0])} \(qdrop\): reconstruction made its output error [\d.]+x worse "
+        r"\([\d.]+ -> [\d.]+\), beyond reconstruction\.max_error_growth=2: rerun with --reconstruction\.on_blowup "
+        r"keep_rtn to keep round-to-nearest weights for such units \(finished units are kept\), or start a new "
+        r"run with lower reconstruction\.lr_rounding / lr_act",
+        stopped.one_line(),
+    )
+    assert not run.phase_state(UNITS[0], "qdrop").exists() and not run.export.exists()
+
+    kept = runner("fit", *tiny.args(tmp_path, *hot, "--reconstruction.on_blowup", "keep_rtn"))
+    assert kept.status == 0, kept.describe()
+    assert "keeping its round-to-nearest weights" in kept.stdout + kept.stderr
+    record = run.unit_records()[0]
+    # the same float32 evaluation of the same weights, possibly reduced in another order: float32 rounding
+    assert record["kept_rtn"] and record["error_after"] == pytest.approx(record["error_before"], rel=1e-5)
+    assert record["reconstructed_error"] > 2 * record["error_before"]
+    card = json.loads(card_paths(run.export)[1].read_text())
+    assert UNITS[0] in card["method"]["units_kept_round_to_nearest"]
+    calibrated = torch.load(run.calibrated, weights_only=True)
+    state = torch.load(run.phase_state(UNITS[0], "qdrop"), weights_only=True)
+    assert all(torch.equal(value, calibrated[f"{UNITS[0]}.{key}"]) for key, value in state.items())

@@ -231,6 +231,8 @@ def mask_map(
     predictor = TensorImagePredictor(model)
     reference_predictor = TensorImagePredictor(reference) if reference is not None else None
     for sample in samples:
-        target = sample if reference_predictor is None else predict_instances(reference_predictor, sample, dets)
+        target = (
+            sample if reference_predictor is None else predict_instances(reference_predictor, sample, dets)
+        )
         metric.update(predict_instances(predictor, sample, dets), target)
     return metric.compute()
