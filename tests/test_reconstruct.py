@@ -17,6 +17,7 @@ from mqsam2.quant import QuantConfig, calibration, quantize
 from mqsam2.quant.quantizer import ActQuantizer, rectified_sigmoid
 from mqsam2.reconstruct.driver import Reconstructor, phases
 from mqsam2.reconstruct.module import unit_error
+from mqsam2.rundir import RunDir
 from mqsam2.workload import Workload
 
 HIERA_BLOCK = "image_encoder.trunk.blocks.1"
@@ -45,7 +46,7 @@ def _reconstructor(calibrated, workload, run_dir, only, callbacks=None, **overri
     settings = {"iters": 60, "batch_size": 2, "checkpoint_every": 20, "accelerator": "cpu", **overrides}
     config = ReconstructionConfig(**settings)
     return Reconstructor(
-        copy.deepcopy(model), float_model, workload, config, run_dir, only=only, callbacks=callbacks
+        copy.deepcopy(model), float_model, workload, config, RunDir(run_dir), only=only, callbacks=callbacks
     )
 
 

@@ -8,6 +8,7 @@ import fnmatch
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from sam2.modeling.backbones.hieradet import MultiScaleAttention
@@ -38,6 +39,7 @@ DEFAULT_KEEP_FP: tuple[str, ...] = (
     "sam_mask_decoder.output_upscaling.3",
 )
 ATTENTION_CLASSES: tuple[type[nn.Module], ...] = (MultiScaleAttention, Attention)
+ObserverName = Literal["minmax", "percentile", "mse", "omse"]  # mqsam2.quant.observers.OBSERVERS
 
 
 @dataclass
@@ -55,8 +57,8 @@ class QuantConfig:
     plan: Mapping[str, int] | None = None
     act_plan: Mapping[str, int] | None = None
     weight_only: bool = False
-    weight_observer: str = "minmax"
-    act_observer: str = "minmax"
+    weight_observer: ObserverName = "minmax"
+    act_observer: ObserverName = "minmax"
     percentile: float = 99.99
     mse_p: float = 2.4
     keep_fp: tuple[str, ...] = DEFAULT_KEEP_FP

@@ -12,7 +12,7 @@ from torch import nn
 
 from mqsam2.quant.modules import QuantLayerMixin
 from mqsam2.quant.quantizer import ActQuantizer
-from mqsam2.quant.swap import quantized_layers
+from mqsam2.quant.swap import quantizable_layers, quantized_layers
 
 UNIT_MODES = ("qdrop", "brecq", "adaround", "none")
 TRUNK_BLOCK = "image_encoder.trunk.blocks."
@@ -75,23 +75,8 @@ def reconstruction_units(model: nn.Module, mode: str = "qdrop") -> list[Unit]:
     """Units of a quantized SAM2: blocks for qdrop/brecq, single layers for adaround, none for `none`."""
     if mode not in UNIT_MODES:
         raise ValueError(f"unknown reconstruction mode {mode!r}: use one of {', '.join(UNIT_MODES)}")
-    layers = quantized_layers(model)
-    if mode == "none":
-        return []
-    if mode == "adaround":
-        specs = [(name, isinstance(layer, nn.Conv2d), True) for name, layer in layers.items()]
-    else:
-        specs = [(name, cf, b) for name, cf, b in _block_units(model) if _has_submodule(model, name)]
-    units, owned = [], set()
-    for name, channels_first, batchable in specs:
-        mine = {
-            layer_name: layer
-            for layer_name, layer in layers.items()
-            if (layer_name == name or layer_name.startswith(name + ".")) and layer_name not in owned
-        }
-        if not mine:
-            continue
-        owned.update(mine)
+    units = []
+    for name, mine, channels_first, batchable in _owned_layers(model, quantized_layers(model), mode):
         chained = units and name.startswith(TRUNK_BLOCK) and units[-1].name.startswith(TRUNK_BLOCK)
         units.append(
             Unit(
@@ -105,6 +90,32 @@ def reconstruction_units(model: nn.Module, mode: str = "qdrop") -> list[Unit]:
             )
         )
     return units
+
+
+def unit_names(float_model: nn.Module, mode: str, keep_fp: tuple[str, ...]) -> list[str]:
+    """The names `reconstruction_units` will give the model once quantized with `keep_fp`: lets a config's
+    unit list be checked before any work is done."""
+    return [name for name, *_ in _owned_layers(float_model, quantizable_layers(float_model, keep_fp), mode)]
+
+
+def _owned_layers(model: nn.Module, layers: dict[str, nn.Module], mode: str):
+    """(unit name, the layers it owns, channels_first, batchable) in reconstruction order."""
+    if mode == "none":
+        return
+    if mode == "adaround":
+        specs = [(name, isinstance(layer, nn.Conv2d), True) for name, layer in layers.items()]
+    else:
+        specs = [(name, cf, b) for name, cf, b in _block_units(model) if _has_submodule(model, name)]
+    owned = set()
+    for name, channels_first, batchable in specs:
+        mine = {
+            layer_name: layer
+            for layer_name, layer in layers.items()
+            if (layer_name == name or layer_name.startswith(name + ".")) and layer_name not in owned
+        }
+        if mine:
+            owned.update(mine)
+            yield name, mine, channels_first, batchable
 
 
 def _has_submodule(model: nn.Module, name: str) -> bool:
