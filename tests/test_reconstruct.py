@@ -236,3 +236,20 @@ def test_cuda_graph_steps_learn_what_eager_steps_learn(workload, tmp_path):
         else:
             differing = (learned[True][key] != eager).float().mean().item()
             assert differing <= 0.002, (key, differing)
+
+
+@pytest.mark.gpu
+def test_a_bf16_fit_keeps_every_unit_on_the_compiled_fake_quant(workload, tmp_path):
+    """Every unit of a bf16-mixed fit (Hiera blocks, neck, memory attention's bf16 and float32 operands,
+    memory encoder, decoder, heads) must find the compiled fake-quant, never Dynamo's eager fallback, which
+    `fail_on_recompile_limit_hit` turns into an error."""
+    float_model = build_sam2("t", image_size=256, device="cuda")
+    model = quantize(copy.deepcopy(float_model), QuantConfig(bits=4))
+    with calibration(model):
+        workload.run_full(model)
+    reconstructor = _reconstructor(
+        (float_model, model), workload, tmp_path, None, iters=5, accelerator="gpu", precision="bf16-mixed"
+    )
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        reconstructor.run()
+    assert len(_records(tmp_path)) == len(reconstructor.units)

@@ -7,6 +7,9 @@ quantized model saves and loads like any module.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -107,10 +110,22 @@ def _training_fake_quantize(
     return torch.where(torch.rand_like(x, dtype=torch.float32) < drop_prob, x, x_q)
 
 
-# On the GPU, reconstruction is memory-bound on activation fake-quant (about ten elementwise passes each way);
-# compiled, forward and backward become one fused kernel each. Evaluation keeps the eager path, bit-exact
-# with the exported integer codes.
-_fused_training_fake_quantize = torch.compile(_training_fake_quantize, dynamic=True)
+# Dynamo compiles one variant of a function per input dtype, rank, layout (size-1 dimensions, strides, views)
+# and autograd state, counted per process, and past `recompile_limit` (8 by default) runs it eagerly for good.
+# A whole fit feeds the fake-quant a few dozen such variants (Hiera blocks, then memory attention's bf16 and
+# float32 operands of ranks 3 and 4 under bf16-mixed), so the default budget ran out in the first
+# memory-attention unit and every later unit lost its fused kernels. The budget is raised once, deliberately.
+FUSED_RECOMPILE_LIMIT = 64
+
+
+@functools.cache
+def fused_training_fake_quantize() -> Callable[..., torch.Tensor]:
+    """`_training_fake_quantize` compiled: on the GPU, reconstruction is memory-bound on activation
+    fake-quant (about ten elementwise passes each way), which compiles to one fused kernel per direction.
+    Evaluation keeps the eager path, bit-exact with the exported integer codes."""
+    compiled = torch.compile(_training_fake_quantize, dynamic=True)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FUSED_RECOMPILE_LIMIT)
+    return compiled
 
 
 class ActQuantizer(FakeQuantizer):
@@ -133,7 +148,7 @@ class ActQuantizer(FakeQuantizer):
         self._check_ready()
         if not torch.is_grad_enabled() or (self.drop_prob == 0 and not x.is_cuda):
             return fake_quantize(x, self.scale, self.zero_point, self.bits)
-        train = _fused_training_fake_quantize if x.is_cuda else _training_fake_quantize
+        train = fused_training_fake_quantize() if x.is_cuda else _training_fake_quantize
         return train(x, self.scale, self.zero_point, *self._training_constants(x.device))
 
     def _training_constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
