@@ -142,7 +142,7 @@ def test_interrupted_run_resumes_to_the_same_weights(calibrated, workload, tmp_p
 def test_chained_block_cache_equals_a_fresh_capture(calibrated, workload, tmp_path):
     """Hiera blocks form a chain: deriving block 2's inputs from block 1's cache must give what running the
     whole encoder gives."""
-    from mqsam2.reconstruct.cache import capture_unit, chain_cache
+    from mqsam2.reconstruct.capture import capture_unit, chain_cache
 
     reconstructor = _reconstructor(calibrated, workload, tmp_path, None)
     first, second = (
@@ -151,7 +151,11 @@ def test_chained_block_cache_equals_a_fresh_capture(calibrated, workload, tmp_pa
     assert second.follows == first.name
     float_model = reconstructor.float_model
     chained = chain_cache(
-        reconstructor.capture(first), first.module, float_model.get_submodule(second.name), second.name
+        reconstructor.capture(first),
+        first.module,
+        float_model.get_submodule(second.name),
+        second.link,
+        second.name,
     )
     fresh = capture_unit(
         second.name,

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from mqsam2.errors import MQSAM2Error
 from mqsam2.quant.swap import QuantConfig
+from mqsam2.reconstruct.capture import CAPTURE_MODES
 from mqsam2.reconstruct.units import UNIT_MODES
 
 
@@ -57,7 +58,8 @@ class AllocationConfig:
 @dataclass
 class ReconstructionConfig:
     """Block-wise reconstruction (method.md §5); `iters` per unit, Lightning Trainer settings alongside;
-    `units` limits it to the named units (the others keep round-to-nearest)."""
+    `units` limits it to the named units (the others keep round-to-nearest); `capture` says how each unit's
+    calibration tensors are produced (mqsam2.reconstruct.capture)."""
 
     mode: str = "qdrop"
     units: list[str] | None = None
@@ -78,6 +80,7 @@ class ReconstructionConfig:
     strategy: str = "auto"
     precision: str = "32-true"
     cache_device: str = "auto"
+    capture: str = "sequential"
     compile: bool = False
     cuda_graphs: bool = True
 
@@ -85,6 +88,10 @@ class ReconstructionConfig:
         if self.mode not in UNIT_MODES:
             raise MQSAM2Error(
                 f"reconstruction.mode {self.mode!r} is unknown: use one of {', '.join(UNIT_MODES)}"
+            )
+        if self.capture not in CAPTURE_MODES:
+            raise MQSAM2Error(
+                f"reconstruction.capture {self.capture!r} is unknown: use one of {', '.join(CAPTURE_MODES)}"
             )
         if self.iters < 1 or self.batch_size < 1:
             raise MQSAM2Error("reconstruction.iters and reconstruction.batch_size must be positive")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +65,7 @@ def record_calls(module: nn.Module, device: torch.device | str = "cpu") -> Itera
         handle.remove()
 
 
-def _split_batch(call: Call) -> list[Call]:
+def split_batch(call: Call) -> list[Call]:
     """Per-sample calls from a batched one (tensors whose dim 0 is the batch are sliced, the rest shared)."""
     tensors = [x for x in call.inputs if isinstance(x, torch.Tensor) and x.ndim > 0]
     if not tensors or tensors[0].shape[0] == 1:
@@ -135,8 +135,8 @@ class UnitCache:
         if not quant_calls:
             raise MQSAM2Error(f"unit {unit_name} was never called on the calibration data")
         if batchable:
-            quant_calls = [s for c in quant_calls for s in _split_batch(c)]
-            float_calls = [s for c in float_calls for s in _split_batch(c)]
+            quant_calls = [s for c in quant_calls for s in split_batch(c)]
+            float_calls = [s for c in float_calls for s in split_batch(c)]
         self.unit_name = unit_name
         self.quant = quant_calls
         self.float = float_calls
@@ -197,44 +197,3 @@ class UnitCache:
             targets=stack(floats, "outputs"),
             output_spec=quant[0].output_spec,
         )
-
-
-@torch.no_grad()
-def chain_cache(
-    previous: UnitCache, quant_previous: nn.Module, float_next: nn.Module, unit_name: str, batch_size: int = 8
-) -> UnitCache:
-    """The cache of a unit whose only input is the previous unit's output (Hiera's chain of blocks): the
-    quantized input is the finished previous unit applied to its own quantized inputs, the float input is the
-    previous float target, and the new target is the float unit applied to it. No model pass needed."""
-    quant_calls, float_calls = [], []
-    for start in range(0, len(previous), batch_size):
-        indices = list(range(start, min(start + batch_size, len(previous))))
-        batch = previous.batch(indices)
-        args, kwargs = batch.unflatten(batch.inputs_q)
-        quant_inputs = quant_previous(*args, **kwargs)
-        (float_inputs,) = batch.targets
-        float_outputs = float_next(float_inputs)
-        for i in range(len(indices)):
-            spec = tree_flatten(((quant_inputs[i : i + 1],), {}))[1]
-            quant_calls.append(Call([quant_inputs[i : i + 1]], spec, [], batch.output_spec))
-            float_calls.append(
-                Call([float_inputs[i : i + 1]], spec, [float_outputs[i : i + 1]], batch.output_spec)
-            )
-    return UnitCache(quant_calls, float_calls, batchable=True, unit_name=unit_name)
-
-
-def capture_unit(
-    unit_name: str,
-    quant_module: nn.Module,
-    float_module: nn.Module,
-    run_quant: Callable[[], None],
-    run_float: Callable[[], None],
-    batchable: bool,
-    device: torch.device | str = "cpu",
-) -> UnitCache:
-    """Record the unit's calls in both models while each runs the same calibration workload."""
-    with record_calls(float_module, device) as float_calls:
-        run_float()
-    with record_calls(quant_module, device) as quant_calls:
-        run_quant()
-    return UnitCache(quant_calls, float_calls, batchable, unit_name)

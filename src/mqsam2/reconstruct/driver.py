@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader
 from mqsam2.config import ReconstructionConfig
 from mqsam2.distributed import rank_and_world, trainer_layout
 from mqsam2.errors import MQSAM2Error
-from mqsam2.reconstruct.cache import UnitCache, capture_unit, chain_cache
+from mqsam2.reconstruct.cache import UnitCache
+from mqsam2.reconstruct.capture import Capturer
 from mqsam2.reconstruct.module import UnitReconstruction, unit_error
 from mqsam2.reconstruct.report import plot_loss_curve, read_metrics
 from mqsam2.reconstruct.rounding import BetaSchedule
@@ -132,12 +133,26 @@ class Reconstructor:
             if unknown:
                 raise MQSAM2Error(f"no reconstruction unit named {', '.join(unknown)} in mode {config.mode}")
             self.units = [unit for unit in self.units if unit.name in only]
+        self.capturer = Capturer(
+            model,
+            float_model,
+            self.workload,
+            self.all_units,
+            self.units,
+            config.capture,
+            config.batch_size,
+            place=self._place,
+        )
 
     def run(self) -> None:
         plan = phases(self.config)
-        previous: tuple[Unit, UnitCache] | None = None
+        unfinished = [
+            any(not (unit_dir(self.run_dir, u.name) / f"{p.name}.pt").exists() for p in plan)
+            for u in self.units
+        ]
         for index, unit in enumerate(self.units, start=1):
             log.info("unit %d/%d: %s (%d layers)", index, len(self.units), unit.name, len(unit.layers))
+            self.capturer.before(unit, pending=any(unfinished[index - 1 :]))
             cache = None
             for phase in plan:
                 done = unit_dir(self.run_dir, unit.name) / f"{phase.name}.pt"
@@ -145,31 +160,16 @@ class Reconstructor:
                     unit.module.load_state_dict(torch.load(done, map_location="cpu", weights_only=True))
                     log.info("  %s: finished earlier, loaded %s", phase.name, done)
                     continue
-                cache = cache or self.capture(unit, previous)
+                cache = cache or self.capture(unit)
                 self.fit_phase(unit, phase, cache)
-            previous = (unit, cache) if cache is not None else None
 
-    def capture(self, unit: Unit, previous: tuple[Unit, UnitCache] | None = None) -> UnitCache:
-        """Record the unit's calibration tensors. A unit in a chain of blocks derives them from the previous
-        unit's cache (recomputed the same way after a restart, so resumed runs see identical tensors)."""
+    def _place(self, cache: UnitCache) -> UnitCache:
+        return cache.to(_cache_device(self.config, cache, next(self.model.parameters()).device))
+
+    def capture(self, unit: Unit) -> UnitCache:
+        """The unit's calibration tensors (`mqsam2.reconstruct.capture` says where they come from)."""
         start = time.perf_counter()
-        float_unit = self.float_model.get_submodule(unit.name)
-        if unit.follows is not None:
-            before = next(u for u in self.all_units if u.name == unit.follows)
-            if previous is None or previous[0].name != unit.follows:
-                previous = (before, self.capture(before))
-            cache = chain_cache(previous[1], before.module, float_unit, unit.name, self.config.batch_size)
-        else:
-            cache = capture_unit(
-                unit.name,
-                unit.module,
-                float_unit,
-                run_quant=lambda: self.workload.run(self.model, unit.encoder_only),
-                run_float=lambda: self.workload.run(self.float_model, unit.encoder_only),
-                batchable=unit.batchable,
-            )
-            device = next(self.model.parameters()).device
-            cache.to(_cache_device(self.config, cache, device))
+        cache = self.capturer.capture(unit)
         log.info(
             "  captured %d samples (%.1f MiB) in %.1f s",
             len(cache),
