@@ -59,7 +59,8 @@ class AllocationConfig:
 class ReconstructionConfig:
     """Block-wise reconstruction (method.md §5); `iters` per unit, Lightning Trainer settings alongside;
     `units` limits it to the named units (the others keep round-to-nearest); `capture` says how each unit's
-    calibration tensors are produced (mqsam2.reconstruct.capture)."""
+    calibration tensors are produced (mqsam2.reconstruct.capture), `cache_*` where they live during its fit
+    (mqsam2.reconstruct.placement: `cache_gb` is the GPU budget, default half of the free memory)."""
 
     mode: str = "qdrop"
     units: list[str] | None = None
@@ -80,6 +81,8 @@ class ReconstructionConfig:
     strategy: str = "auto"
     precision: str = "32-true"
     cache_device: str = "auto"
+    cache_gb: float | None = None
+    cache_bf16: bool = True
     capture: str = "sequential"
     compile: bool = False
     cuda_graphs: bool = True

@@ -107,6 +107,10 @@ class Batch:
         """Every tensor of the batch (quantized inputs, float inputs, targets) in a fixed order."""
         return [x for x in (*self.inputs_q, *self.inputs_fp, *self.targets) if isinstance(x, torch.Tensor)]
 
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> Batch:
+        """On `device`, floating tensors cast to `dtype`."""
+        return self.with_tensors([_convert(x, device, dtype) for x in self.tensors()])
+
     def with_tensors(self, tensors: Sequence[torch.Tensor]) -> Batch:
         """The same batch with its tensors replaced, in the order of `tensors()` (CUDA graphs feed their own)."""
         supply = iter(tensors)
@@ -121,6 +125,26 @@ class Batch:
             refill(self.targets),
             self.output_spec,
         )
+
+
+def _convert(x: Any, device: torch.device | str | None, dtype: torch.dtype | None) -> Any:
+    if not isinstance(x, torch.Tensor):
+        return x
+    return x.to(device=device, dtype=dtype if dtype is not None and x.is_floating_point() else None)
+
+
+def _concatenate(column: Sequence[torch.Tensor], device: torch.device | None) -> torch.Tensor:
+    first = column[0]
+    if device is None:
+        return torch.cat(column) if first.ndim > 0 else first
+    if first.ndim == 0:
+        return first.to(device, non_blocking=True)
+    out = torch.empty((sum(len(x) for x in column), *first.shape[1:]), dtype=first.dtype, device=device)
+    row = 0
+    for x in column:
+        out[row : row + len(x)].copy_(x, non_blocking=True)
+        row += len(x)
+    return out
 
 
 class UnitCache:
@@ -164,11 +188,24 @@ class UnitCache:
             if isinstance(x, torch.Tensor)
         )
 
-    def to(self, device: torch.device | str) -> UnitCache:
+    @property
+    def device(self) -> torch.device:
+        return next(x.device for x in self.quant[0].inputs if isinstance(x, torch.Tensor))
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> UnitCache:
+        """Moved (and floating tensors cast to `dtype`) in place, one tensor at a time."""
         for calls in (self.quant, self.float):
             for call in calls:
-                call.inputs = [x.to(device) if isinstance(x, torch.Tensor) else x for x in call.inputs]
-                call.outputs = [x.to(device) if isinstance(x, torch.Tensor) else x for x in call.outputs]
+                call.inputs = [_convert(x, device, dtype) for x in call.inputs]
+                call.outputs = [_convert(x, device, dtype) for x in call.outputs]
+        return self
+
+    def pin(self) -> UnitCache:
+        """Host tensors moved to page-locked memory, so copies to the GPU run asynchronously."""
+        for calls in (self.quant, self.float):
+            for call in calls:
+                call.inputs = [x.pin_memory() if isinstance(x, torch.Tensor) else x for x in call.inputs]
+                call.outputs = [x.pin_memory() if isinstance(x, torch.Tensor) else x for x in call.outputs]
         return self
 
     def indices(self, step: int, batch_size: int, seed: int) -> list[int]:
@@ -180,12 +217,14 @@ class UnitCache:
         picks = torch.randperm(len(group), generator=generator)[:size]
         return [group[int(i)] for i in picks]
 
-    def batch(self, indices: list[int]) -> Batch:
+    def batch(self, indices: list[int], device: torch.device | None = None) -> Batch:
+        """The samples concatenated, on `device` (default: where the cache is). From host memory each sample
+        is copied into its rows of the batch directly, asynchronously when the host memory is pinned."""
+
         def stack(calls: list[Call], attr: str) -> list[Any]:
             columns = zip(*(getattr(c, attr) for c in calls), strict=True)
             return [
-                torch.cat(col) if isinstance(col[0], torch.Tensor) and col[0].ndim > 0 else col[0]
-                for col in columns
+                _concatenate(col, device) if isinstance(col[0], torch.Tensor) else col[0] for col in columns
             ]
 
         quant = [self.quant[i] for i in indices]

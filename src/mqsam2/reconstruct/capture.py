@@ -46,7 +46,11 @@ _HOST = torch.device("cpu")
 
 
 def _to(leaves: list[Any], device: torch.device) -> list[Any]:
-    return [x.to(device) if isinstance(x, torch.Tensor) else x for x in leaves]
+    """On `device`, floating tensors in float32 (caches may hold bf16; derivations compute as capture did)."""
+    return [
+        x.to(device, torch.float32 if x.is_floating_point() else None) if isinstance(x, torch.Tensor) else x
+        for x in leaves
+    ]
 
 
 def _batches(cache: UnitCache, batch_size: int) -> Iterator[list[int]]:
@@ -69,13 +73,12 @@ def chain_cache(
     """The cache of a unit that SAM2 calls on the previous unit's output (`link` says how): its quantized call
     is linked from the finished previous unit run on its own quantized inputs, its float call from the previous
     float call and target, and its target is the float unit run on that. No model pass; samples keep their
-    order."""
+    order; the new cache is in host memory."""
     device = next(quant_previous.parameters()).device
     quant_calls: list[Call] = [None] * len(previous)  # type: ignore[list-item]
     float_calls: list[Call] = [None] * len(previous)  # type: ignore[list-item]
     for indices in _batches(previous, batch_size):
         batch = previous.batch(indices)
-        home = batch.tensors()[0].device
         args, kwargs = batch.unflatten(_to(batch.inputs_q, device))
         quant_args = link(args, kwargs, quant_previous(*args, **kwargs))
         args, kwargs = batch.unflatten(_to(batch.inputs_fp, device))
@@ -86,7 +89,7 @@ def chain_cache(
             (float_calls, float_args, outputs),
         ):
             leaves, spec = tree_flatten(inputs)
-            call = Call(_to(leaves, home), spec, _to(outs, home), output_spec)
+            call = Call(_to(leaves, _HOST), spec, _to(outs, _HOST), output_spec)
             for index, sample in zip(
                 indices, split_batch(call) if previous.batchable else [call], strict=True
             ):
@@ -114,7 +117,6 @@ def gather_cache(
     float_unit: nn.Module,
     unit_name: str,
     batch_size: int = 8,
-    home: torch.device = _HOST,
 ) -> UnitCache:
     """The neck's cache from Hiera's stage ends: the trunk hands it `[x.permute(0, 3, 1, 2) for each stage's
     last output x]`. `quant_ends[s][i]` is stage s's output for sample i in the quantized model (its blocks
@@ -123,12 +125,12 @@ def gather_cache(
     quant_calls, float_calls = [], []
     for start in range(0, len(quant_ends[0]), batch_size):
         picks = slice(start, start + batch_size)
-        quant_inputs = [torch.cat(stage[picks]).to(device).permute(0, 3, 1, 2) for stage in quant_ends]
-        float_inputs = [torch.cat(stage[picks]).to(device).permute(0, 3, 1, 2) for stage in float_ends]
+        quant_inputs = [torch.cat(stage[picks]).permute(0, 3, 1, 2) for stage in quant_ends]
+        float_inputs = [torch.cat(_to(stage[picks], device)).permute(0, 3, 1, 2) for stage in float_ends]
         outputs, output_spec = tree_flatten(float_unit(float_inputs))
         for calls, inputs, outs in ((quant_calls, quant_inputs, []), (float_calls, float_inputs, outputs)):
             leaves, spec = tree_flatten(((inputs,), {}))
-            calls.extend(split_batch(Call(_to(leaves, home), spec, _to(outs, home), output_spec)))
+            calls.extend(split_batch(Call(_to(leaves, _HOST), spec, _to(outs, _HOST), output_spec)))
     return UnitCache(quant_calls, float_calls, batchable=True, unit_name=unit_name)
 
 
@@ -249,10 +251,10 @@ class Capturer:
         cache = chain_cache(previous, before.module, float_unit, unit.link, unit.name, self.batch_size)
         if before.name in self._stage_end_names and self.mode != "replay":
             self._stage_ends[before.name] = (
-                [call.inputs[0].to(_HOST) for call in cache.quant],
-                [call.inputs[0].to(_HOST) for call in cache.float],
+                [call.inputs[0] for call in cache.quant],
+                [call.inputs[0] for call in cache.float],
             )
-        return cache
+        return self.place(cache)
 
     def _gather(self, unit: Unit) -> UnitCache:
         """The neck, from Hiera's stage ends. The chain kept each stage end's outputs as it passed; the last
@@ -262,7 +264,7 @@ class Capturer:
         last = self._previous(last_name)
         self._stage_ends[last_name] = (
             unit_outputs(self.units[last_name].module, last, self.batch_size),
-            [call.outputs[0].to(_HOST) for call in last.float],
+            [call.outputs[0] for call in last.float],
         )
         ends = [self._stage_ends.pop(name) for name in unit.gathers]
         float_unit = self.float_model.get_submodule(unit.name)

@@ -30,6 +30,7 @@ from mqsam2.errors import MQSAM2Error
 from mqsam2.reconstruct.cache import UnitCache
 from mqsam2.reconstruct.capture import Capturer
 from mqsam2.reconstruct.module import UnitReconstruction, unit_error
+from mqsam2.reconstruct.placement import CachePolicy
 from mqsam2.reconstruct.report import plot_loss_curve, read_metrics
 from mqsam2.reconstruct.rounding import BetaSchedule
 from mqsam2.reconstruct.units import Unit, reconstruction_units
@@ -90,16 +91,6 @@ def _save_atomic(state: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
-
-
-def _cache_device(config: ReconstructionConfig, cache: UnitCache, device: torch.device) -> torch.device:
-    """Keep the cache on the GPU when it fits in half of the free memory, else in host memory."""
-    if device.type != "cuda" or config.cache_device == "cpu":
-        return torch.device("cpu")
-    if config.cache_device == "cuda":
-        return device
-    free, _ = torch.cuda.mem_get_info(device)
-    return device if cache.nbytes < free // 2 else torch.device("cpu")
 
 
 class Reconstructor:
@@ -164,7 +155,11 @@ class Reconstructor:
                 self.fit_phase(unit, phase, cache)
 
     def _place(self, cache: UnitCache) -> UnitCache:
-        return cache.to(_cache_device(self.config, cache, next(self.model.parameters()).device))
+        config = self.config
+        policy = CachePolicy(
+            config.cache_device, config.cache_gb, config.cache_bf16 and "bf16" in config.precision
+        )
+        return policy.place(cache, next(self.model.parameters()).device)
 
     def capture(self, unit: Unit) -> UnitCache:
         """The unit's calibration tensors (`mqsam2.reconstruct.capture` says where they come from)."""

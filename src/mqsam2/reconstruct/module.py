@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_flatten
 
 from mqsam2.errors import MQSAM2Error
 from mqsam2.reconstruct.cache import Batch, UnitCache
+from mqsam2.reconstruct.placement import BatchFeeder
 from mqsam2.reconstruct.rounding import BetaSchedule, hardened_fraction, rounding_regularizer
 from mqsam2.reconstruct.units import Unit
 
@@ -52,13 +53,14 @@ def mix_inputs(quant: list, float_: list, drop_prob: float) -> list:
 
 @torch.no_grad()
 def unit_error(unit: Unit, cache: UnitCache, batch_size: int = 8) -> float:
-    """The reconstruction loss over every cached sample, quantized inputs, no dropping: what the unit's
-    output error is in deployment (before reconstruction this is round-to-nearest's error)."""
+    """The reconstruction loss over every cached sample, quantized inputs, no dropping, in float32: what the
+    unit's output error is in deployment (before reconstruction this is round-to-nearest's error)."""
+    device = next(unit.module.parameters()).device
     total, count = 0.0, 0
     for group in cache.groups:
         for start in range(0, len(group), batch_size if cache.batchable else 1):
             indices = group[start : start + (batch_size if cache.batchable else 1)]
-            batch = cache.batch(indices)
+            batch = cache.batch(indices, device=device).to(device, torch.float32)
             args, kwargs = batch.unflatten(batch.inputs_q)
             outputs, _ = tree_flatten(unit.module(*args, **kwargs))
             loss = reconstruction_loss(outputs, batch.targets, unit.channels_first, require_grad=False)
@@ -112,6 +114,7 @@ class UnitReconstruction(L.LightningModule):
         self._graphs: dict[tuple, nn.Module] = {}
         self._graph_pool = None
         self._step_scalars: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._feeder: BatchFeeder | None = None
         self.batch_size = 1
         self.log_prefix = ""
         for parameter in self.unit_module.parameters():
@@ -150,10 +153,8 @@ class UnitReconstruction(L.LightningModule):
 
     def training_step(self, batch_index, _):
         step = self.global_step
-        rank_seed = self.seed + 7919 * self.global_rank
-        torch.manual_seed(rank_seed * 1_000_003 + step)
-        indices = self.cache.indices(step, self.batch_size, rank_seed)
-        batch = self.cache.batch(indices)
+        torch.manual_seed((self.seed + 7919 * self.global_rank) * 1_000_003 + step)
+        indices, batch = self._feeder(step)
         beta = self.beta(step)
         if self.graphed:
             loss, rec, reg = self._graphed_step(self.cache.group_of[indices[0]], batch, beta)
@@ -173,14 +174,18 @@ class UnitReconstruction(L.LightningModule):
         return loss
 
     def on_train_start(self) -> None:
-        """Capture every batch signature's graph before the first step (inside the Trainer's precision
-        context, as the steps run), so no step pays for a capture."""
+        """Start feeding batches to this device, and capture every batch signature's graph before the first
+        step (inside the Trainer's precision context, as the steps run), so no step pays for a capture."""
+        rank_seed = self.seed + 7919 * self.global_rank
+        self._feeder = BatchFeeder(
+            self.cache, self.device, lambda step: self.cache.indices(step, self.batch_size, rank_seed)
+        )
         if not self.graphed:
             return
         with self.trainer.precision_plugin.forward_context():
             for group, members in enumerate(self.cache.groups):
                 size = min(self.batch_size if self.cache.batchable else 1, len(members))
-                self._graph(group, self.cache.batch(members[:size]))
+                self._graph(group, self.cache.batch(members[:size], device=self.device))
 
     def _graph_inputs(self, batch: Batch, beta: float | None) -> tuple[torch.Tensor, ...]:
         if self._step_scalars is None:
@@ -269,6 +274,7 @@ class UnitReconstruction(L.LightningModule):
         """Harden every rounding variable of every layer in the unit and switch dropping off; the unit goes back
         to the model's device (Lightning's teardown moves the fitted module to the CPU)."""
         self._graphs.clear()
+        self._feeder = None
         gc.collect()  # graphs sit in reference cycles: free them now, not during the next unit's capture
         self.unit_module.to(self.home_device)
         for layer in self.unit.layers.values():
