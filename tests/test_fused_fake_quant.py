@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,3 +53,27 @@ def test_fused_fake_quant_compiles_every_variant_a_bf16_fit_feeds_it(eager_backe
             torch.testing.assert_close(out, fake_quantize(x, scale, zero_point, 4), rtol=0, atol=0)
             out.float().sum().backward()
     assert torch._dynamo.config.recompile_limit >= 12
+
+
+def test_fused_kernels_match_the_eager_ops_under_the_triton_interpreter():
+    """The Triton kernels' own code, run on CPU tensors by Triton's interpreter, in a fresh process (the
+    interpreter must be chosen before triton is first imported)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    checks = Path(__file__).with_name("fused_checks.py")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(checks)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("check", ["activation", "qdrop", "adaround"])
+def test_fused_kernels_match_the_eager_ops_on_the_gpu(check):
+    from mqsam2.quant import fused
+    from tests import fused_checks
+
+    getattr(fused_checks, f"check_{check}")(fused, torch.device("cuda"))

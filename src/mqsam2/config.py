@@ -86,6 +86,7 @@ class ReconstructionConfig:
     capture: str = "sequential"
     compile: bool = False
     cuda_graphs: bool = True
+    fused_kernels: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in UNIT_MODES:

@@ -47,6 +47,7 @@ class FakeQuantizer(nn.Module):
         self.observer: Observer | None = None
         self.observing = False
         self.enabled = True
+        self.fused = False  # reconstruction's Triton kernels (mqsam2.quant.fused) on CUDA tensors
         self.name = ""
         # Reading the `initialized` buffer on a GPU is a device sync (and breaks CUDA graph capture):
         # read it once, then trust this until a state dict is loaded.
@@ -148,6 +149,10 @@ class ActQuantizer(FakeQuantizer):
         self._check_ready()
         if not torch.is_grad_enabled() or (self.drop_prob == 0 and not x.is_cuda):
             return fake_quantize(x, self.scale, self.zero_point, self.bits)
+        if self.fused and x.is_cuda:
+            from mqsam2.quant.fused import act_fake_quant
+
+            return act_fake_quant(x, self.scale, self.zero_point, qmax(self.bits), self.drop_prob)
         train = fused_training_fake_quantize() if x.is_cuda else _training_fake_quantize
         return train(x, self.scale, self.zero_point, *self._training_constants(x.device))
 
@@ -176,6 +181,10 @@ class WeightQuantizer(FakeQuantizer):
         self._check_ready()
         if self.alpha is None:
             return fake_quantize(w, self.scale, self.zero_point, self.bits, axis=0)
+        if self.fused and w.is_cuda:
+            from mqsam2.quant.fused import adaround_weight
+
+            return adaround_weight(w, self.alpha, self.scale, self.zero_point, qmax(self.bits))
         scale = self.scale.reshape(-1, *([1] * (w.ndim - 1)))
         zero_point = self.zero_point.reshape_as(scale)
         codes = torch.floor(w.detach() / scale) + rectified_sigmoid(self.alpha) + zero_point

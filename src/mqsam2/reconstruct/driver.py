@@ -218,6 +218,7 @@ class Reconstructor:
             check_finite_every=self.config.check_finite_every,
             compile=self.config.compile,
             cuda_graphs=self.config.cuda_graphs and self.world_size == 1,
+            fused_kernels=self.config.fused_kernels,
         )
         module.batch_size = self.config.batch_size
         module.log_prefix = f"{unit.name}/{phase.name}/"

@@ -41,12 +41,18 @@ def reconstruction_loss(
     return total
 
 
-def mix_inputs(quant: list, float_: list, drop_prob: float) -> list:
-    """QDrop on the unit input: each element comes from the float model with probability drop_prob."""
+def mix_inputs(quant: list, float_: list, drop_prob: float, fused: bool = False) -> list:
+    """QDrop on the unit input: each element comes from the float model with probability drop_prob (in one
+    Triton kernel when `fused` and on CUDA)."""
     mixed = []
     for q, f in zip(quant, float_, strict=True):
         if drop_prob > 0 and isinstance(q, torch.Tensor) and q.is_floating_point() and q.shape == f.shape:
-            q = torch.where(torch.rand_like(q, dtype=torch.float32) < drop_prob, f, q)
+            if fused and q.is_cuda:
+                from mqsam2.quant.fused import qdrop_mix  # Triton: imported only where it runs
+
+                q = qdrop_mix(q, f, drop_prob)
+            else:
+                q = torch.where(torch.rand_like(q, dtype=torch.float32) < drop_prob, f, q)
         mixed.append(q)
     return mixed
 
@@ -91,6 +97,7 @@ class UnitReconstruction(L.LightningModule):
         check_finite_every: int = 100,
         compile: bool = False,
         cuda_graphs: bool = False,
+        fused_kernels: bool = False,
     ):
         super().__init__()
         self.unit_module = unit.module
@@ -125,8 +132,18 @@ class UnitReconstruction(L.LightningModule):
         self.act_scales = [q.scale for q in unit.act_quantizers.values()] if learn_act else []
         for parameter in (*self.alphas, *self.act_scales):
             parameter.requires_grad_(True)
+        # Triton kernels for fake-quant, QDrop and AdaRound on CUDA (mqsam2.quant.fused); eager elsewhere.
+        self.fused_kernels = fused_kernels
+        for quantizer in self._quantizers():
+            quantizer.fused = fused_kernels
         for quantizer in unit.act_quantizers.values():
             quantizer.drop_prob = drop_prob
+
+    def _quantizers(self) -> list[nn.Module]:
+        return [
+            *self.unit.act_quantizers.values(),
+            *(layer.weight_quantizer for layer in self.unit.layers.values()),
+        ]
 
     def soft_roundings(self) -> list[torch.Tensor]:
         return [layer.weight_quantizer.soft_rounding() for layer in self.unit.layers.values()]
@@ -135,12 +152,16 @@ class UnitReconstruction(L.LightningModule):
         self, batch: Batch, beta: float | torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(reconstruction loss, rounding regulariser or None) of one batch: the math of a step."""
-        inputs = mix_inputs(batch.inputs_q, batch.inputs_fp, self.drop_prob)
+        inputs = mix_inputs(batch.inputs_q, batch.inputs_fp, self.drop_prob, self.fused_kernels)
         args, kwargs = batch.unflatten(inputs)
         outputs, _ = tree_flatten(self.forward_fn(*args, **kwargs))
         rec = reconstruction_loss(outputs, batch.targets, self.unit.channels_first)
         if not self.learn_rounding or beta is None:
             return rec, None
+        if self.fused_kernels and self.device.type == "cuda":
+            from mqsam2.quant import fused
+
+            return rec, sum(fused.rounding_regularizer(alpha, beta) for alpha in self.alphas)
         return rec, sum(rounding_regularizer(h, beta) for h in self.soft_roundings())
 
     def total_loss(self, rec: torch.Tensor, reg: torch.Tensor | None) -> torch.Tensor:
@@ -281,6 +302,8 @@ class UnitReconstruction(L.LightningModule):
             layer.harden_rounding()
         for quantizer in self.unit.act_quantizers.values():
             quantizer.drop_prob = 0.0
+        for quantizer in self._quantizers():
+            quantizer.fused = False
         for parameter in self.unit_module.parameters():
             parameter.requires_grad_(False)
 
