@@ -128,10 +128,9 @@ def measure(args: argparse.Namespace) -> list[dict]:
         reconstructor = Reconstructor(
             model, float_model, workload, config, RunDir(run_dir), only=None if args.all_units else args.units
         )
-        previous = None
         for unit in reconstructor.units:
             start = time.perf_counter()
-            cache = reconstructor.capture(unit, previous)
+            cache = reconstructor.capture(unit)
             capture_seconds = time.perf_counter() - start
             for layer in unit.layers.values():
                 layer.weight_quantizer.start_adaround(layer.weight)
@@ -181,7 +180,6 @@ def measure(args: argparse.Namespace) -> list[dict]:
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
-            previous = (unit, cache)
     return rows
 
 

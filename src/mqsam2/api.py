@@ -149,9 +149,10 @@ def reconstruct(
     if config.mode == "none":
         return
     from mqsam2.reconstruct.driver import Reconstructor
+    from mqsam2.rundir import RunDir
 
     reconstructor = Reconstructor(
-        model, float_model, workload, config, Path(workdir), list(loggers), seed=seed, only=config.units
+        model, float_model, workload, config, RunDir(workdir), list(loggers), seed=seed, only=config.units
     )
     log.info("reconstruction: %s over %d units", config.mode, len(reconstructor.units))
     reconstructor.run()

@@ -29,10 +29,10 @@ from matplotlib.figure import Figure
 
 from mqsam2 import api
 from mqsam2.allocation import Allocation
-from mqsam2.atomic import write_json_atomic, write_text_atomic
 from mqsam2.config import DataConfig, EvaluationConfig, FitConfig, ModelConfig, ReconstructionConfig
 from mqsam2.errors import MQSAM2Error
 from mqsam2.evaluate import clip_prompts, score_tracks, track
+from mqsam2.files import save_torch, write_text
 from mqsam2.importance import LayerImportance, read_importance, write_importance
 from mqsam2.memory.policies import using_memory_policy
 from mqsam2.methods import get_method
@@ -193,6 +193,10 @@ def fidelity_difference(a: list[ClipScore], b: list[ClipScore], config: Bootstra
 # ------------------------------------------------------------------------------------------------- cells
 
 
+def _write_json(path: Path, payload) -> None:
+    write_text(path, json.dumps(payload, indent=1) + "\n")
+
+
 def _key(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -291,7 +295,7 @@ class Grid:
                     self.float_model, self.data.calibration, self.config.quant, self.measured_widths()
                 )
                 write_importance(self.importance, path)
-                write_text_atomic(key_path, key)
+                write_text(key_path, key)
                 log.info("importance: %d layers in %.1f s", len(self.importance), time.perf_counter() - start)
         return self.importance
 
@@ -344,17 +348,14 @@ class Grid:
             from mqsam2.quant.swap import quantized_layers
 
             kept = sorted(set(config.plan or {}) - set(quantized_layers(result.model)))
-            state_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = state_path.with_suffix(".tmp")
-            torch.save({"key": key, "state": result.model.state_dict(), "float_layers": kept}, tmp)
-            tmp.replace(state_path)
+            save_torch({"key": key, "state": result.model.state_dict(), "float_layers": kept}, state_path)
         return result.model, result.allocation
 
     # ----------------------------------------------------------------------------------------------- run
 
     def run(self) -> dict:
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(
+        _write_json(
             self.dir / "config.json", {"rows": [asdict(r) for r in self.config.rows], **self.shared}
         )
         results = {}
@@ -408,7 +409,7 @@ class Grid:
             "clips": [asdict(s) for s in scores],
             "seconds": round(time.perf_counter() - start, 1),
         }
-        write_json_atomic(self.cell_path(row, policy), cell)
+        _write_json(self.cell_path(row, policy), cell)
         log.info(
             "  %s / %s: J&F %.4f, fidelity %.4f (%.0f s)",
             row.name,
@@ -423,15 +424,15 @@ class Grid:
         images, dets = self.data.val_images, self.config.detections
         cell = {"key": key, "mAP": mask_map(model, images, dets)["mAP"]}
         cell["fidelity/mAP"] = mask_map(model, images, dets, reference=self.float_model)["mAP"]
-        write_json_atomic(self.images_path(row), cell)
+        _write_json(self.images_path(row), cell)
         return cell
 
     # ---------------------------------------------------------------------------------------------- report
 
     def report(self, results: dict) -> str:
         table = format_report(results, self.config)
-        write_text_atomic(self.dir / "table.md", table + "\n")
-        write_json_atomic(
+        write_text(self.dir / "table.md", table + "\n")
+        _write_json(
             self.dir / "per_clip.json",
             {f"{row}/{p}": cell["clips"] for row, r in results.items() for p, cell in r["cells"].items()},
         )

@@ -22,6 +22,7 @@ from mqsam2.errors import MQSAM2Error
 from mqsam2.models import check_image_size, config_name
 from mqsam2.quant.affine import check_bits
 from mqsam2.quant.swap import QuantConfig
+from mqsam2.reconstruct.capture import CAPTURE_MODES
 from mqsam2.reconstruct.units import UNIT_MODES
 
 RUNTIME = {"runtime": True}  # field metadata: how a run is executed, not what it computes
@@ -87,7 +88,9 @@ class AllocationConfig:
 @dataclass
 class ReconstructionConfig:
     """Block-wise reconstruction (method.md §5); `iters` per unit, Lightning Trainer settings alongside;
-    `units` limits it to the named units (the others keep round-to-nearest)."""
+    `units` limits it to the named units (the others keep round-to-nearest); `capture` says how each unit's
+    calibration tensors are produced (mqsam2.reconstruct.capture), `cache_*` where they live during its fit
+    (mqsam2.reconstruct.placement: `cache_gb` is the GPU budget, default half of the free memory)."""
 
     mode: Literal["qdrop", "brecq", "adaround", "none"] = "qdrop"
     units: list[str] | None = None
@@ -108,8 +111,12 @@ class ReconstructionConfig:
     strategy: str = field(default="auto", metadata=RUNTIME)
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"] = "32-true"
     cache_device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=RUNTIME)
+    cache_gb: float | None = field(default=None, metadata=RUNTIME)
+    cache_bf16: bool = True
+    capture: Literal["sequential", "shared", "replay"] = "sequential"
     compile: bool = field(default=False, metadata=RUNTIME)
     cuda_graphs: bool = field(default=True, metadata=RUNTIME)
+    fused_kernels: bool = field(default=False, metadata=RUNTIME)
     # A unit whose output error ends above max_error_growth x its start stops the run, or with keep_rtn
     # keeps its round-to-nearest weights (recorded in units.jsonl and the model card). They only decide
     # about units still to come, so a stopped run may resume with them changed.
@@ -120,6 +127,10 @@ class ReconstructionConfig:
         if self.mode not in UNIT_MODES:
             raise MQSAM2Error(
                 f"reconstruction.mode {self.mode!r} is unknown: use one of {', '.join(UNIT_MODES)}"
+            )
+        if self.capture not in CAPTURE_MODES:
+            raise MQSAM2Error(
+                f"reconstruction.capture {self.capture!r} is unknown: use one of {', '.join(CAPTURE_MODES)}"
             )
         if self.iters < 1 or self.batch_size < 1 or (self.act_iters is not None and self.act_iters < 1):
             raise MQSAM2Error("reconstruction.iters, act_iters and batch_size must be positive")

@@ -31,8 +31,10 @@ from mqsam2.config import ReconstructionConfig
 from mqsam2.distributed import rank_and_world, trainer_layout
 from mqsam2.errors import MQSAM2Error
 from mqsam2.files import load_torch, save_torch
-from mqsam2.reconstruct.cache import UnitCache, capture_unit, chain_cache
+from mqsam2.reconstruct.cache import UnitCache
+from mqsam2.reconstruct.capture import Capturer
 from mqsam2.reconstruct.module import UnitReconstruction, unit_error
+from mqsam2.reconstruct.placement import CachePolicy
 from mqsam2.reconstruct.report import plot_loss_curve, read_metrics
 from mqsam2.reconstruct.rounding import BetaSchedule
 from mqsam2.reconstruct.units import Unit, reconstruction_units
@@ -89,14 +91,6 @@ def progress_bar(total_steps: int) -> TQDMProgressBar:
     return TQDMProgressBar(refresh_rate=1 if sys.stdout.isatty() else max(1, total_steps // 20))
 
 
-def _cache_device(config: ReconstructionConfig, cache: UnitCache, device: torch.device) -> torch.device:
-    """Keep the cache on the GPU when it fits in half of the free memory, else in host memory."""
-    if device.type != "cuda" or config.cache_device == "cpu":
-        return torch.device("cpu")
-    if config.cache_device == "cuda":
-        return device
-    free, _ = torch.cuda.mem_get_info(device)
-    return device if cache.nbytes < free // 2 else torch.device("cpu")
 
 
 class Reconstructor:
@@ -130,13 +124,26 @@ class Reconstructor:
             if unknown:
                 raise MQSAM2Error(f"no reconstruction unit named {', '.join(unknown)} in mode {config.mode}")
             self.units = [unit for unit in self.units if unit.name in only]
+        self.capturer = Capturer(
+            model,
+            float_model,
+            self.workload,
+            self.all_units,
+            self.units,
+            config.capture,
+            config.batch_size,
+            place=self._place,
+        )
 
     def run(self) -> None:
         plan = phases(self.config)
-        previous: tuple[Unit, UnitCache] | None = None
         self._write_unit_log()  # a run stopped between a unit's state and its log line gets the line back
+        unfinished = [
+            any(not self.run_dir.phase_state(u.name, p.name).exists() for p in plan) for u in self.units
+        ]
         for index, unit in enumerate(self.units, start=1):
             log.info("unit %d/%d: %s (%d layers)", index, len(self.units), unit.name, len(unit.layers))
+            self.capturer.before(unit, pending=any(unfinished[index - 1 :]))
             cache = None
             rounded = {k: v.clone() for k, v in unit.module.state_dict().items()}  # round-to-nearest
             for phase in plan:
@@ -145,36 +152,25 @@ class Reconstructor:
                     unit.module.load_state_dict(self.run_dir.load_state(done))
                     log.info("  %s: finished earlier, loaded %s", phase.name, done)
                     continue
-                cache = cache or self.capture(unit, previous)
+                cache = cache or self.capture(unit)
                 self.fit_phase(unit, phase, cache, rounded)
-            previous = (unit, cache) if cache is not None else None
 
     def _write_unit_log(self) -> None:
         if self.rank == 0:
             plan = phases(self.config)
             self.run_dir.write_unit_log([(u.name, p.name) for u in self.units for p in plan])
 
-    def capture(self, unit: Unit, previous: tuple[Unit, UnitCache] | None = None) -> UnitCache:
-        """Record the unit's calibration tensors. A unit in a chain of blocks derives them from the previous
-        unit's cache (recomputed the same way after a restart, so resumed runs see identical tensors)."""
+    def _place(self, cache: UnitCache) -> UnitCache:
+        config = self.config
+        policy = CachePolicy(
+            config.cache_device, config.cache_gb, config.cache_bf16 and "bf16" in config.precision
+        )
+        return policy.place(cache, next(self.model.parameters()).device)
+
+    def capture(self, unit: Unit) -> UnitCache:
+        """The unit's calibration tensors (`mqsam2.reconstruct.capture` says where they come from)."""
         start = time.perf_counter()
-        float_unit = self.float_model.get_submodule(unit.name)
-        if unit.follows is not None:
-            before = next(u for u in self.all_units if u.name == unit.follows)
-            if previous is None or previous[0].name != unit.follows:
-                previous = (before, self.capture(before))
-            cache = chain_cache(previous[1], before.module, float_unit, unit.name, self.config.batch_size)
-        else:
-            cache = capture_unit(
-                unit.name,
-                unit.module,
-                float_unit,
-                run_quant=lambda: self.workload.run(self.model, unit.encoder_only),
-                run_float=lambda: self.workload.run(self.float_model, unit.encoder_only),
-                batchable=unit.batchable,
-            )
-            device = next(self.model.parameters()).device
-            cache.to(_cache_device(self.config, cache, device))
+        cache = self.capturer.capture(unit)
         log.info(
             "  captured %d samples (%.1f MiB) in %.1f s",
             len(cache),
@@ -232,6 +228,7 @@ class Reconstructor:
             check_finite_every=self.config.check_finite_every,
             compile=self.config.compile,
             cuda_graphs=self.config.cuda_graphs and self.world_size == 1,
+            fused_kernels=self.config.fused_kernels,
         )
         module.batch_size = self.config.batch_size
         module.log_prefix = f"{unit.name}/{phase.name}/"
