@@ -56,7 +56,7 @@ def test_rows_need_distinct_names_and_a_known_baseline():
 
 
 @pytest.mark.slow
-def test_toy_grid_writes_table_chart_per_clip_json_and_reuses_finished_cells(tmp_path, capsys):
+def test_toy_grid_writes_table_chart_per_clip_json_and_reuses_finished_cells(tmp_path, caplog):
     config = tmp_path / "grid.yaml"
     config.write_text(
         f"""
@@ -87,6 +87,7 @@ rows:
     cell = json.loads((out / "cells" / "mixqsam2-measured-avg4__fifo.json").read_text())
     assert cell["weight_avg_bits"] <= 4 and cell["act_avg_bits"] <= 4
     assert (out / "cells" / "fp__fifo.json").exists()
-    capsys.readouterr()
-    assert main(["--config", str(config)]) == 0
-    assert capsys.readouterr().out.count("finished earlier") == 3
+    caplog.clear()
+    with caplog.at_level("INFO", logger="mqsam2"):
+        assert main(["--config", str(config)]) == 0
+    assert caplog.text.count("finished earlier") == 3
