@@ -153,9 +153,13 @@ def key_statistics(model: nn.Module, run: Callable[[], None], sample_size: int) 
     stats = {name: _KeyStats(sample_size) for name in modules}
     recorder = _KeyRecorder()
     handles = []
+
+    def leave(*_) -> None:
+        recorder.running.pop()
+
     for name, module in modules.items():
         handles.append(module.register_forward_pre_hook(lambda *_, s=stats[name]: recorder.running.append(s)))
-        handles.append(module.register_forward_hook(lambda *_: recorder.running.pop()))
+        handles.append(module.register_forward_hook(leave))
     try:
         with recorder:
             run()

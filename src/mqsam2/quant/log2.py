@@ -12,12 +12,13 @@ the scale and tau are the pair with the least Lp error (p = `QuantConfig.mse_p`,
 Where we differ from PTQ4SAM's code, on purpose:
 - b bits hold 2^b codes: the top code is the exact zero, so 2^b - 1 levels are powers of 2^(1/tau). PTQ4SAM
   clamps to 2^b levels and maps underflow to an extra zero, 2^b + 1 values that b bits cannot store.
-- The search is a fixed grid of scales (1/16 octave from 1 down to 2^-12) with losses summed over every
+- The search is a fixed grid of scales (1/8 octave from 1 down to 2^-12) with losses summed over every
   calibration call, and the joint argmin over (tau, s) is taken at the end; PTQ4SAM runs a bounded scalar
   search per batch and averages the per-batch scales. Summing first makes the result independent of how the
   calibration set is batched and keeps memory flat.
-- The search scores a strided subset of query rows of each call (at most 256 rows; rows are independent in
-  `P @ V`, so the subset's error is exact for those rows).
+- The search scores an evenly spread subset of each call's outputs: 16 query rows over up to 8 heads or
+  windows, 16 value channels. Outputs are independent entries of `P @ V`, so the error of those is exact;
+  the many calibration calls make up for the subset.
 - Reconstruction keeps (s, tau) fixed and never drops this quantizer (QDrop acts on uniform quantizers).
 """
 
@@ -29,8 +30,9 @@ from mqsam2.errors import MQSAM2Error
 from mqsam2.quant.quantizer import FakeQuantizer
 
 TAUS: tuple[int, ...] = (1, 2, 4)
-SCALE_GRID = torch.exp2(-torch.arange(0, 12 * 16 + 1) / 16.0)  # 1 down to 2^-12, 1/16 octave apart
-_SEARCH_ROWS = 16  # query rows per group and groups per call scored by the search (16 x 16 = 256 rows)
+SCALE_GRID = torch.exp2(-torch.arange(0, 12 * 8 + 1) / 8.0)  # 1 down to 2^-12, 1/8 octave apart
+# per call, the search scores this many heads (or windows), query rows and value channels, spread evenly
+_SEARCH_GROUPS, _SEARCH_ROWS, _SEARCH_CHANNELS = 8, 16, 16
 _CHUNK_ELEMENTS = 1 << 24  # bound on the candidate tensor evaluated at once
 
 
@@ -48,6 +50,11 @@ def log2_dequantize(
     """`s * 2^(-q / tau)`, and 0 for the top code."""
     top = 2**bits - 1
     return torch.where(codes >= top, torch.zeros_like(codes), scale * torch.exp2(-codes / tau))
+
+
+def _strided(size: int, count: int, device: torch.device) -> torch.Tensor:
+    """`count` indices spread evenly over range(size) (all of them when size <= count)."""
+    return torch.arange(0, size, max(1, size // count), device=device)[:count]
 
 
 class Log2Quantizer(FakeQuantizer):
@@ -82,18 +89,21 @@ class Log2Quantizer(FakeQuantizer):
         """Add this call's Lp error of `Q(P) @ V` for every (tau, s) to the running sums."""
         probs = probs.detach().float().flatten(0, -3)
         values = values.detach().float().flatten(0, -3)
-        groups = torch.arange(0, probs.shape[0], max(1, probs.shape[0] // _SEARCH_ROWS), device=probs.device)
-        rows = torch.arange(0, probs.shape[1], max(1, probs.shape[1] // _SEARCH_ROWS), device=probs.device)
-        probs = probs[groups[:_SEARCH_ROWS]][:, rows[:_SEARCH_ROWS]]
-        values = values[groups[:_SEARCH_ROWS]]
+        groups = _strided(probs.shape[0], _SEARCH_GROUPS, probs.device)
+        rows = _strided(probs.shape[1], max(1, _SEARCH_ROWS // len(groups)), probs.device)
+        channels = _strided(values.shape[2], _SEARCH_CHANNELS, values.device)
+        probs, values = probs[groups][:, rows], values[groups][:, :, channels]
         reference = probs @ values
         scales = SCALE_GRID.to(probs.device)
         chunk = max(1, _CHUNK_ELEMENTS // probs.numel())
+        top = 2**self.bits - 1
         losses = torch.empty(len(TAUS), len(scales), dtype=torch.float64, device=probs.device)
         for t, tau in enumerate(TAUS):
+            exponents = -tau * torch.log2(probs)  # -tau * log2(p / s) = exponents + tau * log2(s)
             for start in range(0, len(scales), chunk):
                 s = scales[start : start + chunk].view(-1, 1, 1, 1)
-                approx = log2_dequantize(log2_codes(probs, s, tau, self.bits), s, tau, self.bits) @ values
+                codes = torch.clamp(torch.round(exponents + tau * torch.log2(s)), 0, top)
+                approx = torch.where(codes >= top, 0.0, s * torch.exp2(-codes / tau)) @ values
                 error = (approx - reference).abs().pow(self.p)
                 losses[t, start : start + chunk] = error.flatten(1).sum(1, dtype=torch.float64)
         self._losses = losses if self._losses is None else self._losses + losses
