@@ -23,6 +23,7 @@ from torch import nn
 
 from mqsam2.allocation import Allocation, allocate
 from mqsam2.config import ReconstructionConfig
+from mqsam2.errors import MQSAM2Error
 from mqsam2.importance import ImportanceCollector, LayerImportance
 from mqsam2.methods import Method, get_method
 from mqsam2.quant import calibration, quantizable_layers, quantize
@@ -93,6 +94,11 @@ def measure_importance(
 def allocate_bits(importance: dict[str, LayerImportance], recipe: Recipe) -> Allocation:
     """The method's allocation: Eq. 6 for mixed methods, every layer at b for uniform ones."""
     method = recipe.resolved
+    if method.allocator is not None:
+        raise MQSAM2Error(
+            f"{method.name} allocates from the model, not from Eq. 2-4 importance: call "
+            f"get_method({method.name!r}).allocator(float_model, workload, recipe)"
+        )
     if not method.mixed:
         return allocate(
             importance, method="uniform", target_avg=int(recipe.bits), candidates=[int(recipe.bits)]
@@ -118,6 +124,7 @@ def quant_config(recipe: Recipe, allocation: Allocation) -> QuantConfig:
         weight_observer=method.weight_observer,
         act_observer=method.act_observer,
         quantize_attention=recipe.quant.quantize_attention or method.quantize_attention,
+        attention_probs=method.attention_probs or recipe.quant.attention_probs,
     )
 
 
@@ -166,12 +173,16 @@ def quantize_sam2(
     importance: dict[str, LayerImportance] | None = None,
 ) -> QuantizedSAM2:
     """The whole recipe of `recipe.method`; `workdir` keeps reconstruction resumable (a temporary one if None),
-    `importance` reuses measurements made earlier on the same model and data."""
+    `importance` reuses Eq. 2-4 measurements made earlier on the same model and data (methods with their own
+    `allocator` measure their own)."""
     method = recipe.resolved
-    measured = recipe.candidate_widths() if method.error == "measured" else None
-    if importance is None or (measured and not next(iter(importance.values())).weight_errors):
-        importance = measure_importance(float_model, workload, recipe.quant, measured)
-    allocation = allocate_bits(importance, recipe)
+    if method.allocator is not None:
+        allocation = method.allocator(float_model, workload, recipe)
+    else:
+        measured = recipe.candidate_widths() if method.error == "measured" else None
+        if importance is None or (measured and not next(iter(importance.values())).weight_errors):
+            importance = measure_importance(float_model, workload, recipe.quant, measured)
+        allocation = allocate_bits(importance, recipe)
     config = quant_config(recipe, allocation)
     model = quantize_calibrated(float_model, config, workload, method)
     rec = dataclasses.replace(recipe.reconstruction, mode=method.reconstruction if recipe.learn else "none")

@@ -28,6 +28,7 @@ from mqsam2.files import atomic_output
 from mqsam2.models import build_architecture, matching_configs
 from mqsam2.quant.affine import dequantize_affine
 from mqsam2.quant.checkpoint import model_spec, quant_config_dict, quant_config_from_dict
+from mqsam2.quant.log2 import Log2Quantizer
 from mqsam2.quant.quantizer import ActQuantizer, FakeQuantizer
 from mqsam2.quant.swap import is_quantized, quantize, quantized_layers
 
@@ -135,6 +136,12 @@ def export_model(
     if not hasattr(model, "mqsam2_config"):
         raise MQSAM2Error(
             "cannot export: the model does not record its SAM2 config; build it with build_sam2"
+        )
+    log2 = [name for name, m in model.named_modules() if isinstance(m, Log2Quantizer)]
+    if log2:
+        raise MQSAM2Error(
+            f"cannot export {log2[0]} and {len(log2) - 1} other log2 attention quantizer(s) (PTQ4SAM): the packed "
+            "format stores uniform quantizers only; save the model with mqsam2.quant.checkpoint.save_quantized"
         )
     payload = _Payload()
     weights = {name: _weight_entry(name, layer, payload) for name, layer in quantized_layers(model).items()}

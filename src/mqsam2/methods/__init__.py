@@ -8,10 +8,12 @@ from mqsam2.methods import (  # noqa: F401  (each module registers its method on
     dynamic,
     fp,
     minmax,
+    mixqsam,
     mixqsam2,
     mixqsam2_measured,
     omse,
     percentile,
+    ptq4sam,
     qdrop,
 )
 from mqsam2.methods.registry import METHODS, Method, get_method, register

@@ -19,6 +19,7 @@ from mqsam2.errors import MQSAM2Error
 from mqsam2.quant.affine import check_bits
 from mqsam2.quant.modules import (
     FLOAT_TO_QUANT,
+    PROBABILITY_QUANTIZERS,
     QuantAttentionMixin,
     QuantLayerMixin,
     quant_attention_class,
@@ -49,7 +50,8 @@ class QuantConfig:
     A plan maps layer names to bit-widths (Eq. 6 output); layers it does not name get `bits`. Weights and the
     layer's input activations share the width unless `act_plan` (per layer) or `act_bits` (all layers) sets
     the activations' own, or `weight_only` leaves them float. `act_observer: dynamic` is the naive baseline:
-    each live input quantized with its own min-max range, nothing calibrated.
+    each live input quantized with its own min-max range, nothing calibrated. With `quantize_attention`, the
+    softmax probabilities use a `uniform` quantizer or PTQ4SAM's `log2` one (`attention_probs`).
     """
 
     bits: int = 8
@@ -64,10 +66,16 @@ class QuantConfig:
     keep_fp: tuple[str, ...] = DEFAULT_KEEP_FP
     quantize_attention: bool = False
     attention_bits: int | None = None
+    attention_probs: str = "uniform"
     observer_sample_size: int = 1 << 20
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
+        if self.attention_probs not in PROBABILITY_QUANTIZERS:
+            raise MQSAM2Error(
+                f"attention_probs {self.attention_probs!r} is not a quantizer kind: use one of "
+                f"{', '.join(PROBABILITY_QUANTIZERS)}"
+            )
         for bits in (self.act_bits, self.attention_bits):
             if bits is not None:
                 check_bits(bits)
@@ -123,7 +131,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
         for module in list(model.modules()):
             if isinstance(module, ATTENTION_CLASSES) and not isinstance(module, QuantAttentionMixin):
                 module.__class__ = quant_attention_class(type(module))
-                module.init_attention_quantizers(attention_bits)
+                module.init_attention_quantizers(attention_bits, config.attention_probs)
     for name, quantizer in model.named_modules():
         if isinstance(quantizer, FakeQuantizer):
             quantizer.name = name
