@@ -4,6 +4,7 @@ place, then `calibration(model)` initialises every quantizer from observed data.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import logging
 from collections.abc import Iterator, Mapping
@@ -221,7 +222,8 @@ def _keep_unreached_in_float(model: nn.Module, unseen: list[str], config: QuantC
         )
     for name in layers:
         _replace(model, name, model.get_submodule(name).to_float())
-    if layers:
+    if layers:  # recorded, so a saved model is rebuilt with the same structure
+        model.mqsam2_quant_config = dataclasses.replace(config, keep_fp=(*config.keep_fp, *layers))
         log.warning(
             "no calibration input reached %d layer(s), which stay in floating point: %s",
             len(layers),
