@@ -78,7 +78,10 @@ def test_hardened_rounding_is_binary_and_survives_save_load(calibrated, workload
     error = unit_error(unit, cache)
     fresh = _reconstructor(calibrated, workload, tmp_path, [HIERA_BLOCK], iters=20)
     fresh.units[0].module.load_state_dict(torch.load(tmp_path / "units" / HIERA_BLOCK / "qdrop.pt"))
-    assert unit_error(fresh.units[0], cache) == error
+    saved, loaded = unit.module.state_dict(), fresh.units[0].module.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    # The same float32 computation on bit-identical weights; BLAS may still sum in another order (alignment).
+    assert unit_error(fresh.units[0], cache) == pytest.approx(error, rel=1e-5)
 
 
 def test_soft_rounding_starts_at_the_float_weight(calibrated):

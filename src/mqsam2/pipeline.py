@@ -307,7 +307,10 @@ def stage_evaluate(
         enable_model_summary=False,
         enable_progress_bar=False,
     )
+    device = next(model.parameters()).device
     trainer.validate(EvaluationModule(model, float_model), DataLoader([0]), verbose=False)
+    for evaluated in (model, float_model):  # Lightning's teardown left them on the CPU
+        evaluated.to(device)
     validation = {k: float(v) for k, v in trainer.callback_metrics.items()}
     # The comparison table: every rank scores its share of the clips and images, the metrics sum over ranks.
     rank, world = rank_and_world()
@@ -317,7 +320,6 @@ def stage_evaluate(
             float_model, bits, config, data.calibration
         )
     models[config.name] = model
-    device = next(model.parameters()).device
     clips, image_share = data.val_videos[rank::world], images[rank::world]
     rows = (
         evaluate_video_grid(models, clips, float_model, cfg.memory, config.data.prompt, device)

@@ -126,19 +126,18 @@ class RunDir:
         """Use this directory for `config`: a new directory, or one whose work was done under a config with the
         same resume identity, or one where no stage has finished yet (a failed first attempt may be rerun with
         a corrected config). Rank 0 then writes config.yaml and drops temporaries a killed run left."""
-        if self.config_file.exists():
+        done = self.finished_work()
+        if done and self.config_file.exists():
             changed = _differences(resume_identity(self.read_config()), resume_identity(config))
-            done = self.finished_work()
-            if changed and done:
+            if changed:
                 raise MQSAM2Error(
                     f"run directory {self.path} was made with another config ({'; '.join(changed[:3])}) and holds "
                     f"its results ({done[0].relative_to(self.path)}): choose another --name, or delete the "
                     "directory to start over"
                 )
-            if changed:
-                log.info("run %s: no stage had finished, so it restarts under the new config", self.path)
-            elif done:
-                log.info("resuming run %s", self.path)
+            log.info("resuming run %s", self.path)
+        elif self.config_file.exists():
+            log.info("run %s: no stage had finished, so it starts again under this config", self.path)
         if rank == 0:
             make_folder(self.path)
             for stale in self.path.rglob(f".*{TMP_SUFFIX}"):
