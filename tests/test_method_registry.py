@@ -36,12 +36,15 @@ def float_model():
     return build_sam2("t", image_size=256)
 
 
+@pytest.fixture(scope="module")
+def importance(float_model, image_workload):
+    return measure_importance(float_model, image_workload, QuantConfig(), measured_widths=[3, 4, 5])
+
+
 @pytest.mark.parametrize("method", list(OBSERVERS))
-def test_uniform_methods_match_the_manual_path_bit_for_bit(method, float_model, image_workload):
-    quant = QuantConfig(observer_sample_size=4096)
-    through_registry = quantize_sam2(
-        float_model, image_workload, Recipe(method=method, bits=4, quant=quant)
-    ).model
+def test_uniform_methods_match_the_manual_path_bit_for_bit(method, float_model, image_workload, importance):
+    recipe = Recipe(method=method, bits=4, quant=QuantConfig(observer_sample_size=4096))
+    through_registry = quantize_sam2(float_model, image_workload, recipe, importance=importance).model
     weight_observer, act_observer = OBSERVERS[method]
     manual = quantize(
         copy.deepcopy(float_model),
@@ -57,8 +60,7 @@ def test_uniform_methods_match_the_manual_path_bit_for_bit(method, float_model, 
     assert all(torch.equal(state[key], expected[key]) for key in expected)
 
 
-def test_mixed_methods_allocate_as_allocate_does(float_model, image_workload):
-    importance = measure_importance(float_model, image_workload, QuantConfig(), measured_widths=[3, 4, 5])
+def test_mixed_methods_allocate_as_allocate_does(importance):
     for method, error, activations in (
         ("mixqsam2", "pow2", "shared"),
         ("mixqsam2-measured", "measured", "separate"),

@@ -91,8 +91,8 @@ def test_kl_importance_is_undefined_when_no_layer_changes_the_output():
 def test_mixqsam_program_minimises_the_documented_objective(target):
     """The allocation from `mixqsam_program` + `solve_iqp` against brute force over widths of the module
     docstring's formula, written out here: predicted KL + smoothness, size and BOPs budgets of uniform B."""
-    g = torch.Generator().manual_seed(3)
-    kl = (torch.rand(3, 6, generator=g) ** 3).tolist()
+    g = torch.Generator().manual_seed(0)
+    kl = (torch.rand(3, 6, generator=g) ** 6).tolist()  # heavy-tailed, as output KL across layers is
     params = [100, 300, 50, 300, 120, 80]
     macs = [4000, 1000, 9000, 3000, 500, 2500]
     sensitivity = _sensitivity(kl, params, macs)
@@ -155,7 +155,7 @@ def test_kl_importance_matches_a_direct_two_pass_computation(tiny_video_model, i
     model = tiny_video_model
     config = QuantConfig(bits=3, weight_observer="mse", act_observer="mse", observer_sample_size=4096)
     layers = {name: model.get_submodule(name) for name in (ENCODER_LAYER, DECODER_LAYER)}
-    samples = [dataclasses.replace(image_workload, images=[image]) for image in image_workload.images]
+    samples = [dataclasses.replace(image_workload, images=image_workload.images[:1])]
     measured = measure_output_kl(model, [lambda s=s: s.run_full(model) for s in samples], layers, 3, config)
     assert measured.names == (ENCODER_LAYER, DECODER_LAYER)
     every = tuple(quantizable_layers(model))

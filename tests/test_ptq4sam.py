@@ -265,3 +265,30 @@ def test_ptq4sam_quantizes_attention_with_log2_probabilities(tiny_video_model, s
     calibrated = [m.attn_quantizer for m in attention if m.attn_quantizer.initialized]
     assert calibrated and all(int(q.tau) in TAUS for q in calibrated)
     assert model.track_clip(frames, (256, 256), prompts).shape == (1, 2, 256, 256)
+
+
+@pytest.mark.gpu
+def test_log2_search_and_key_statistics_agree_on_cuda():
+    """The device paths (search on the probabilities' device, key samples kept on k's device) pick the same
+    (tau, s) and the same flips as on the CPU."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(4, 8, 32, 64, generator=g), dim=-1)
+    values = torch.randn(4, 8, 64, 16, generator=g)
+    chosen = {}
+    for device in ("cpu", "cuda"):
+        quantizer = Log2Quantizer(4).to(device)
+        quantizer.attach_observer("mse", p=2.4)
+        quantizer.observing = True
+        quantizer(probs.to(device), values.to(device))
+        quantizer.finish_observing()
+        chosen[device] = (float(quantizer.tau), float(quantizer.scale))
+    assert chosen["cpu"] == chosen["cuda"]
+    planted = Attention(32, 2)
+    with torch.no_grad():
+        planted.k_proj.bias.copy_(torch.where(torch.arange(32) % 3 == 0, -8.0, 8.0))
+    x = torch.randn(2, 64, 32, generator=g)
+    flips = {}
+    for device in ("cpu", "cuda"):
+        module, inputs = copy.deepcopy(planted).to(device), x.to(device)
+        flips[device] = integrate_bimodal(module, lambda m=module, i=inputs: m(i, i, i))[""].cpu()
+    assert torch.equal(flips["cpu"], flips["cuda"])

@@ -14,9 +14,9 @@ widths as in the paper:
   small perturbation, so it falls with the squared quantization step: 4x per bit. The first term is the
   predicted output KL of the allocation (1 when every layer sits at b_min).
 - "Highly interdependent layers maintain similar bit-widths": adjacent layers pay for a width step in
-  proportion to their normalised synergy. Both terms sum to 1 over the model, so lambda (0.05) is the share of
-  the smoothness term: it lets a layer 3x more important than average take a bit from a neighbour half as
-  important, and keeps layers of equal importance, where S_hat is largest, together.
+  proportion to their normalised synergy, which is largest where their importances are close. Both terms
+  sum to 1 over the model; lambda = 0.05 is our choice (the paper gives no weight), small enough that
+  heavy-tailed importances still spread the widths (tests/test_mixqsam.py).
 - Both budgets equal uniform WbAb's, so the row never costs more than uniform in size or bit operations.
 """
 
