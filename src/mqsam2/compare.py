@@ -355,9 +355,7 @@ class Grid:
 
     def run(self) -> dict:
         self.dir.mkdir(parents=True, exist_ok=True)
-        _write_json(
-            self.dir / "config.json", {"rows": [asdict(r) for r in self.config.rows], **self.shared}
-        )
+        _write_json(self.dir / "config.json", {"rows": [asdict(r) for r in self.config.rows], **self.shared})
         results = {}
         for index, row in enumerate(self.config.rows, start=1):
             key = self.row_key(row)

@@ -91,8 +91,6 @@ def progress_bar(total_steps: int) -> TQDMProgressBar:
     return TQDMProgressBar(refresh_rate=1 if sys.stdout.isatty() else max(1, total_steps // 20))
 
 
-
-
 class Reconstructor:
     """Owns the loop over units; each unit is captured, fitted phase by phase, hardened and saved."""
 
