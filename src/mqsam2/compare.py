@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 
 from mqsam2 import api
 from mqsam2.allocation import Allocation
+from mqsam2.cli import run_command
 from mqsam2.config import DataConfig, EvaluationConfig, FitConfig, ModelConfig, ReconstructionConfig
 from mqsam2.errors import MQSAM2Error
 from mqsam2.evaluate import clip_prompts, score_tracks, track
@@ -540,12 +541,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s mqsam2 | %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
     )
-    try:
-        Grid(parse_config(argv)).run()
-    except MQSAM2Error as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(
+        lambda: Grid(parse_config(argv)).run(),
+        on_stop="finished cells are kept; rerun the same command to continue the grid",
+    )
 
 
 if __name__ == "__main__":
