@@ -100,7 +100,7 @@ class Reconstructor:
         float_model: nn.Module,
         workload: Workload,
         config: ReconstructionConfig,
-        run_dir: RunDir,
+        run_dir: RunDir | str | Path,
         loggers: list[Logger] | None = None,
         seed: int = 0,
         only: list[str] | None = None,
@@ -109,7 +109,10 @@ class Reconstructor:
         self.model = model
         self.float_model = float_model
         self.config = config
-        self.run_dir = run_dir
+        # Imported at run time only: rundir reads the config, which reads this package.
+        from mqsam2.rundir import RunDir
+
+        self.run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         self.loggers = loggers or []
         self.seed = seed
         self.callbacks = callbacks or []
