@@ -72,7 +72,7 @@ def test_runtime_fields_are_exactly_the_execution_settings():
     runtime = {f.name for f in dataclasses.fields(ReconstructionConfig) if f.metadata.get("runtime")}
     assert runtime == {
         "checkpoint_every", "check_finite_every", "accelerator", "devices", "strategy", "cache_device",
-        "compile", "cuda_graphs", "max_error_growth", "on_blowup",
+        "compile", "cuda_graphs", "max_error_growth", "on_blowup", "cache_gb", "fused_kernels",
     }  # fmt: skip
     identity = resume_identity(FitConfig())
     assert "precision" in identity["reconstruction"] and "cuda_graphs" not in identity["reconstruction"]

@@ -116,7 +116,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
         raise MQSAM2Error(
             f"model is already quantized ({already[0]} ...): build a fresh model to re-quantize"
         )
-    unknown = sorted((set(config.plan or {}) | set(config.act_plan or {})) - set(layers))
+    kept = set(quantizable_layers(model)) - set(layers)  # a plan may name layers that keep_fp leaves in float
+    unknown = sorted((set(config.plan or {}) | set(config.act_plan or {})) - set(layers) - kept)
     if unknown:
         raise MQSAM2Error(
             f"plan names {len(unknown)} layer(s) that are not quantizable in this model: {', '.join(unknown)}"
