@@ -73,7 +73,7 @@ class MixQSAMAllocator:
     `clips` clips and `images` images of the workload (one full pass per reached layer and sample), then the
     exact IQP. The recipe's own `quant` settings (observers aside) decide which layers may be quantized."""
 
-    clips: int = 4
+    clips: int = 2
     images: int = 8
     synergy_weight: float = 0.05
     epsilon: float = 0.1
