@@ -134,8 +134,16 @@ def test_bernoulli_kl_matches_torch_distributions():
 @pytest.fixture(scope="module")
 def image_workload(tmp_path_factory):
     shards = ensure_synth(tmp_path_factory.mktemp("synth"), videos=1, frames=4, size=256, images=2)
-    data = calibration_set(shards.videos, shards.images, 1, 3, 2, image_size=256, seed=0)
+    data = calibration_set(shards.videos, shards.images, 1, 3, 2, image_size=128, seed=0)
     return Workload([], data.images, max_objects=1)
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    """SAM2.1-tiny at 128 px: every layer the 256-px model has, at a third of the CPU time per pass."""
+    from mqsam2.models import build_sam2
+
+    return build_sam2("t", image_size=128)
 
 
 def _logits(model, workload):
@@ -148,11 +156,11 @@ def _logits(model, workload):
     return logits
 
 
-def test_kl_importance_matches_a_direct_two_pass_computation(tiny_video_model, image_workload):
+def test_kl_importance_matches_a_direct_two_pass_computation(small_model, image_workload):
     """For each layer and image: the float model's mask logits, then a copy with only that layer quantized by
     the library (quantize + calibration with every other layer kept float), and the mean Bernoulli KL of
     torch.distributions between them. float64 sums over ~10^5 pixels: agreement to 1e-6 relative."""
-    model = tiny_video_model
+    model = small_model
     config = QuantConfig(bits=3, weight_observer="mse", act_observer="mse", observer_sample_size=4096)
     layers = {name: model.get_submodule(name) for name in (ENCODER_LAYER, DECODER_LAYER)}
     samples = [dataclasses.replace(image_workload, images=image_workload.images[:1])]
@@ -173,10 +181,10 @@ def test_kl_importance_matches_a_direct_two_pass_computation(tiny_video_model, i
             assert measured.kl[row, column].item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_mixqsam_allocates_within_the_uniform_budgets(tiny_video_model, image_workload):
+def test_mixqsam_allocates_within_the_uniform_budgets(small_model, image_workload):
     """Through the registry's allocator, on three layers the images reach: widths from {3, 4, 5}, the
     parameter-weighted average at most 4; Eq. 2-4 allocation refuses the method."""
-    model = tiny_video_model
+    model = small_model
     chosen = (ENCODER_LAYER, DECODER_LAYER, HEAD_LAYER)
     keep = (*DEFAULT_KEEP_FP, *(n for n in quantizable_layers(model) if n not in chosen))
     recipe = Recipe(method="mixqsam", bits=4, quant=QuantConfig(keep_fp=keep, observer_sample_size=4096))
