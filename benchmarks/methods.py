@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import time
 
 import torch
@@ -20,10 +19,9 @@ from common import describe_device, synthetic_workload
 from mqsam2.api import Recipe
 from mqsam2.bimodal import integrate_bimodal
 from mqsam2.iqp import solve_iqp
-from mqsam2.kl_importance import measure_output_kl
-from mqsam2.methods.mixqsam import mixqsam_program
+from mqsam2.methods.mixqsam import MixQSAMAllocator, mixqsam_program
 from mqsam2.models import build_sam2
-from mqsam2.quant import QuantConfig, calibration, quantizable_layers, quantize
+from mqsam2.quant import QuantConfig, calibration, quantize
 
 
 def _timed(step) -> tuple[float, object]:
@@ -43,9 +41,9 @@ def main() -> None:
     parser.add_argument("--size", default="t")
     parser.add_argument("--checkpoint")
     parser.add_argument("--image-size", type=int, default=512)
-    parser.add_argument("--clips", type=int, default=4)
+    parser.add_argument("--clips", type=int, default=1)
     parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--data-root", default="data/bench")
     args = parser.parse_args()
@@ -72,19 +70,10 @@ def main() -> None:
 
     recipe = Recipe(method="mixqsam", bits=args.bits)
     candidates = recipe.candidate_widths()
-    config = dataclasses.replace(recipe.quant, weight_observer="mse", act_observer="mse")
-    samples = [dataclasses.replace(workload, videos=[c], images=[]) for c in workload.videos] + [
-        dataclasses.replace(workload, videos=[], images=[i]) for i in workload.images
-    ]
-    layers = quantizable_layers(model, config.keep_fp)
-    seconds, sensitivity = _timed(
-        lambda: measure_output_kl(
-            model, [lambda s=s: s.run_full(model) for s in samples], layers, candidates[0], config
-        )
-    )
-    rows.append(
-        ("Mix-QSAM KL importance", seconds, f"{len(sensitivity.names)} layers x {len(samples)} samples")
-    )
+    allocator = MixQSAMAllocator(clips=args.clips, frames=args.frames, images=args.images)
+    seconds, sensitivity = _timed(lambda: allocator.sensitivity(model, workload, recipe))
+    samples = len(allocator.samples(workload))
+    rows.append(("Mix-QSAM KL importance", seconds, f"{len(sensitivity.names)} layers x {samples} samples"))
     program = mixqsam_program(sensitivity, candidates, args.bits)
     seconds, choice = _timed(lambda: solve_iqp(*program))
     widths = [candidates[k] for k in choice]

@@ -25,7 +25,7 @@ OBSERVERS = {
 @pytest.fixture(scope="module")
 def image_workload(tmp_path_factory):
     shards = ensure_synth(tmp_path_factory.mktemp("synth"), videos=1, frames=4, size=256, images=1)
-    data = calibration_set(shards.videos, shards.images, 1, 3, 1, image_size=256, seed=0)
+    data = calibration_set(shards.videos, shards.images, 1, 3, 1, image_size=128, seed=0)
     return Workload([], data.images, max_objects=1)
 
 
@@ -33,7 +33,7 @@ def image_workload(tmp_path_factory):
 def float_model():
     from mqsam2.models import build_sam2
 
-    return build_sam2("t", image_size=256)
+    return build_sam2("t", image_size=128)  # every layer of the 256-px model, a third of the CPU time
 
 
 @pytest.fixture(scope="module")

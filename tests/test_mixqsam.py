@@ -16,8 +16,10 @@ from mqsam2.allocation import AllocationError
 from mqsam2.api import Recipe, allocate_bits
 from mqsam2.data import calibration_set, ensure_synth
 from mqsam2.errors import MQSAM2Error
+from mqsam2.evaluate import clip_prompts
 from mqsam2.iqp import iqp_objective, solve_iqp
 from mqsam2.kl_importance import OutputSensitivity, bernoulli_kl, measure_output_kl
+from mqsam2.methods import get_method
 from mqsam2.methods.mixqsam import MixQSAMAllocator, mixqsam_program
 from mqsam2.quant import DEFAULT_KEEP_FP, QuantConfig, calibration, quantizable_layers, quantize
 from mqsam2.workload import Workload
@@ -132,10 +134,33 @@ def test_bernoulli_kl_matches_torch_distributions():
 
 
 @pytest.fixture(scope="module")
-def image_workload(tmp_path_factory):
-    shards = ensure_synth(tmp_path_factory.mktemp("synth"), videos=1, frames=4, size=256, images=2)
-    data = calibration_set(shards.videos, shards.images, 1, 3, 2, image_size=256, seed=0)
-    return Workload([], data.images, max_objects=1)
+def calibration_data(tmp_path_factory):
+    shards = ensure_synth(tmp_path_factory.mktemp("synth"), videos=1, frames=6, size=256, images=2)
+    return calibration_set(shards.videos, shards.images, 1, 6, 2, image_size=128, seed=0)
+
+
+@pytest.fixture(scope="module")
+def image_workload(calibration_data):
+    return Workload([], calibration_data.images, max_objects=1)
+
+
+def test_kl_samples_are_clip_heads_and_single_images(calibration_data):
+    workload = Workload(calibration_data.videos, calibration_data.images, max_objects=1)
+    samples = MixQSAMAllocator(clips=1, frames=4, images=1).samples(workload)
+    assert [(len(s.videos), len(s.images)) for s in samples] == [(1, 0), (0, 1)]
+    head, clip = samples[0].videos[0], calibration_data.videos[0]
+    assert len(head.frames) == len(head.frame_indices) == len(head.annotated) == head.masks.shape[1] == 4
+    assert torch.equal(head.frames, clip.frames[:4]) and torch.equal(head.masks, clip.masks[:, :4])
+    assert clip_prompts(head, "box", 1)  # a valid clip: prompts on its own frames
+    assert samples[1].images[0] is calibration_data.images[0]
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    """SAM2.1-tiny at 128 px: every layer the 256-px model has, at a third of the CPU time per pass."""
+    from mqsam2.models import build_sam2
+
+    return build_sam2("t", image_size=128)
 
 
 def _logits(model, workload):
@@ -148,38 +173,39 @@ def _logits(model, workload):
     return logits
 
 
-def test_kl_importance_matches_a_direct_two_pass_computation(tiny_video_model, image_workload):
-    """For each layer and image: the float model's mask logits, then a copy with only that layer quantized by
+def test_kl_importance_matches_a_direct_two_pass_computation(small_model, image_workload):
+    """For each layer, on one image: the float model's mask logits, then a copy with only that layer quantized by
     the library (quantize + calibration with every other layer kept float), and the mean Bernoulli KL of
     torch.distributions between them. float64 sums over ~10^5 pixels: agreement to 1e-6 relative."""
-    model = tiny_video_model
-    config = QuantConfig(bits=3, weight_observer="mse", act_observer="mse", observer_sample_size=4096)
+    model = small_model
+    # OMSE inputs as Mix-QSAM's; MinMax weights, since OMSE's per-channel weight search takes seconds per layer here
+    config = QuantConfig(bits=3, weight_observer="minmax", act_observer="mse", observer_sample_size=4096)
     layers = {name: model.get_submodule(name) for name in (ENCODER_LAYER, DECODER_LAYER)}
-    samples = [dataclasses.replace(image_workload, images=image_workload.images[:1])]
-    measured = measure_output_kl(model, [lambda s=s: s.run_full(model) for s in samples], layers, 3, config)
+    sample = dataclasses.replace(image_workload, images=image_workload.images[:1])
+    measured = measure_output_kl(model, [lambda: sample.run_full(model)], layers, 3, config)
     assert measured.names == (ENCODER_LAYER, DECODER_LAYER)
+    reference = _logits(model, sample)
     every = tuple(quantizable_layers(model))
     for column, name in enumerate(measured.names):
         single = dataclasses.replace(config, keep_fp=(*DEFAULT_KEEP_FP, *(n for n in every if n != name)))
         quantized = quantize(copy.deepcopy(model), single)
         with calibration(quantized):
-            for sample in samples:
-                sample.run_full(quantized)
-        for row, sample in enumerate(samples):
-            pairs = zip(_logits(model, sample), _logits(quantized, sample), strict=True)
-            kl = [kl_divergence(Bernoulli(logits=f.double()), Bernoulli(logits=q.double())) for f, q in pairs]
-            expected = sum(k.sum() for k in kl).item() / sum(k.numel() for k in kl)
-            assert expected > 0
-            assert measured.kl[row, column].item() == pytest.approx(expected, rel=1e-6)
+            sample.run_full(quantized)
+        pairs = zip(reference, _logits(quantized, sample), strict=True)
+        kl = [kl_divergence(Bernoulli(logits=f.double()), Bernoulli(logits=q.double())) for f, q in pairs]
+        expected = sum(k.sum() for k in kl).item() / sum(k.numel() for k in kl)
+        assert expected > 0
+        assert measured.kl[0, column].item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_mixqsam_allocates_within_the_uniform_budgets(tiny_video_model, image_workload):
+def test_mixqsam_allocates_within_the_uniform_budgets(small_model, image_workload):
     """Through the registry's allocator, on three layers the images reach: widths from {3, 4, 5}, the
     parameter-weighted average at most 4; Eq. 2-4 allocation refuses the method."""
-    model = tiny_video_model
+    model = small_model
     chosen = (ENCODER_LAYER, DECODER_LAYER, HEAD_LAYER)
     keep = (*DEFAULT_KEEP_FP, *(n for n in quantizable_layers(model) if n not in chosen))
-    recipe = Recipe(method="mixqsam", bits=4, quant=QuantConfig(keep_fp=keep, observer_sample_size=4096))
+    method = dataclasses.replace(get_method("mixqsam"), weight_observer="minmax")  # OMSE weights: slow on CPU
+    recipe = Recipe(method=method, bits=4, quant=QuantConfig(keep_fp=keep, observer_sample_size=4096))
     allocation = MixQSAMAllocator(clips=0, images=1)(model, image_workload, recipe)
     assert set(allocation.names) == set(chosen)
     assert set(allocation.bits) <= {3, 4, 5}

@@ -323,11 +323,15 @@ class Grid:
         recipe = self.recipe(row)
         state_path = self.dir / "models" / f"{row.name}.pt"
         key = self.row_key(row)
-        allocation = api.allocate_bits(self.shared_importance(), recipe)
-        config = api.quant_config(recipe, allocation)
         if state_path.exists():
             saved = torch.load(state_path, map_location="cpu", weights_only=False)
             if saved["key"] == key:
+                allocation = (
+                    Allocation(**saved["allocation"])
+                    if "allocation" in saved
+                    else api.allocate_bits(self.shared_importance(), recipe)
+                )
+                config = api.quant_config(recipe, allocation)
                 model = copy.deepcopy(self.float_model)
                 quantize(model, config)
                 for name in saved["float_layers"]:
@@ -348,8 +352,9 @@ class Grid:
         if get_method(row.method).act_observer != "dynamic":
             from mqsam2.quant.swap import quantized_layers
 
-            kept = sorted(set(config.plan or {}) - set(quantized_layers(result.model)))
-            save_torch({"key": key, "state": result.model.state_dict(), "float_layers": kept}, state_path)
+            kept = sorted(set(result.allocation.plan) - set(quantized_layers(result.model)))
+            saved = {"key": key, "state": result.model.state_dict(), "float_layers": kept}
+            save_torch({**saved, "allocation": dataclasses.asdict(result.allocation)}, state_path)
         return result.model, result.allocation
 
     # ----------------------------------------------------------------------------------------------- run

@@ -69,42 +69,64 @@ def mixqsam_program(
 
 @dataclass(frozen=True)
 class MixQSAMAllocator:
-    """Mix-QSAM's allocation for a recipe: KL importance at the lowest candidate width, measured on the first
-    `clips` clips and `images` images of the workload (one full pass per reached layer and sample), then the
-    exact IQP. The recipe's own `quant` settings (observers aside) decide which layers may be quantized."""
+    """Mix-QSAM's allocation for a recipe: KL importance at the lowest candidate width, then the exact IQP.
 
-    clips: int = 4
-    images: int = 8
+    The KL samples are the first `clips` clips of the workload cut to their first `frames` frames, and its
+    first `images` images; each costs one pass per reached layer (about 150 for SAM2.1-t), so these bound
+    the method's cost. The recipe's own `quant` settings (observers aside) decide which layers may be
+    quantized."""
+
+    clips: int = 1
+    frames: int = 8
+    images: int = 4
     synergy_weight: float = 0.05
     epsilon: float = 0.1
 
-    def __call__(self, model: nn.Module, workload, recipe) -> Allocation:
-        method = recipe.resolved
-        candidates = recipe.candidate_widths()
-        config = dataclasses.replace(
-            recipe.quant, weight_observer=method.weight_observer, act_observer=method.act_observer
-        )
-        samples = [
-            dataclasses.replace(workload, videos=[clip], images=[]) for clip in workload.videos[: self.clips]
-        ] + [
+    def samples(self, workload) -> list:
+        """One workload per KL sample."""
+        clips = [
+            dataclasses.replace(
+                clip,
+                frames=clip.frames[: self.frames],
+                masks=clip.masks[:, : self.frames],
+                frame_indices=clip.frame_indices[: self.frames],
+                annotated=clip.annotated[: self.frames],
+            )
+            for clip in workload.videos[: self.clips]
+        ]
+        return [dataclasses.replace(workload, videos=[clip], images=[]) for clip in clips] + [
             dataclasses.replace(workload, videos=[], images=[image])
             for image in workload.images[: self.images]
         ]
+
+    def sensitivity(self, model: nn.Module, workload, recipe) -> OutputSensitivity:
+        """KL_t(l) of every layer the recipe may quantize, at its lowest candidate width."""
+        method = recipe.resolved
+        config = dataclasses.replace(
+            recipe.quant, weight_observer=method.weight_observer, act_observer=method.act_observer
+        )
+        samples = self.samples(workload)
+        bits = recipe.candidate_widths()[0]
         start = time.perf_counter()
         sensitivity = measure_output_kl(
             model,
             [lambda sample=sample: sample.run_full(model) for sample in samples],
             quantizable_layers(model, config.keep_fp),
-            candidates[0],
+            bits,
             config,
         )
         log.info(
             "Mix-QSAM: KL of %d layers x %d samples at %d bits in %.0f s",
             len(sensitivity.names),
             len(samples),
-            candidates[0],
+            bits,
             time.perf_counter() - start,
         )
+        return sensitivity
+
+    def __call__(self, model: nn.Module, workload, recipe) -> Allocation:
+        candidates = recipe.candidate_widths()
+        sensitivity = self.sensitivity(model, workload, recipe)
         unary, pair, budgets = mixqsam_program(
             sensitivity, candidates, recipe.bits, self.synergy_weight, self.epsilon
         )
