@@ -172,7 +172,7 @@ def quantize_sam2(
     allocation = allocate_bits(importance, recipe)
     config = quant_config(recipe, allocation)
     model = quantize_calibrated(float_model, config, workload, method)
-    rec = dataclasses.replace(recipe.reconstruction, mode=method.reconstruction)
+    rec = dataclasses.replace(recipe.reconstruction, mode=method.reconstruction, video_loss=method.video_loss)
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="mqsam2-") as tmp:
             reconstruct(model, float_model, workload, rec, tmp, seed=recipe.seed)

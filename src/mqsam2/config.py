@@ -6,7 +6,10 @@ from dataclasses import dataclass, field
 
 from mqsam2.errors import MQSAM2Error
 from mqsam2.quant.swap import QuantConfig
+from mqsam2.reconstruct.hvq import HVQConfig
 from mqsam2.reconstruct.units import UNIT_MODES
+
+VIDEO_LOSSES = ("mse", "hvq")
 
 
 @dataclass
@@ -57,7 +60,9 @@ class AllocationConfig:
 @dataclass
 class ReconstructionConfig:
     """Block-wise reconstruction (method.md §5); `iters` per unit, Lightning Trainer settings alongside;
-    `units` limits it to the named units (the others keep round-to-nearest)."""
+    `units` limits it to the named units (the others keep round-to-nearest). `video_loss: hvq` trains the
+    memory attention layers and the memory encoder with Q-MiniSAM2's HVQ loss (`hvq` settings) instead of
+    the plain output error."""
 
     mode: str = "qdrop"
     units: list[str] | None = None
@@ -80,6 +85,8 @@ class ReconstructionConfig:
     cache_device: str = "auto"
     compile: bool = False
     cuda_graphs: bool = True
+    video_loss: str = "mse"
+    hvq: HVQConfig = field(default_factory=HVQConfig)
 
     def __post_init__(self) -> None:
         if self.mode not in UNIT_MODES:
@@ -90,6 +97,10 @@ class ReconstructionConfig:
             raise MQSAM2Error("reconstruction.iters and reconstruction.batch_size must be positive")
         if not 0.0 <= self.drop_prob < 1.0:
             raise MQSAM2Error(f"reconstruction.drop_prob {self.drop_prob} must lie in [0, 1)")
+        if self.video_loss not in VIDEO_LOSSES:
+            raise MQSAM2Error(
+                f"reconstruction.video_loss {self.video_loss!r} is unknown: use one of {', '.join(VIDEO_LOSSES)}"
+            )
 
 
 @dataclass

@@ -13,6 +13,7 @@ from mqsam2.methods import (  # noqa: F401  (each module registers its method on
     omse,
     percentile,
     qdrop,
+    qminisam2,
 )
 from mqsam2.methods.registry import METHODS, Method, get_method, register
 

@@ -28,6 +28,7 @@ from mqsam2.config import ReconstructionConfig
 from mqsam2.distributed import rank_and_world, trainer_layout
 from mqsam2.errors import MQSAM2Error
 from mqsam2.reconstruct.cache import UnitCache, capture_unit, chain_cache
+from mqsam2.reconstruct.hvq import HierarchicalVideoLoss, is_video_unit
 from mqsam2.reconstruct.module import UnitReconstruction, unit_error
 from mqsam2.reconstruct.report import plot_loss_curve, read_metrics
 from mqsam2.reconstruct.rounding import BetaSchedule
@@ -223,6 +224,7 @@ class Reconstructor:
             check_finite_every=self.config.check_finite_every,
             compile=self.config.compile,
             cuda_graphs=self.config.cuda_graphs and self.world_size == 1,
+            objective=self._objective(unit, cache),
         )
         module.batch_size = self.config.batch_size
         module.log_prefix = f"{unit.name}/{phase.name}/"
@@ -246,6 +248,12 @@ class Reconstructor:
                 stale.unlink()
             errors = {"error_before": error_before, "error_after": unit_error(unit, cache)}
             self._report(unit, phase, phase_dir, phase.iters - first_step, seconds, errors)
+
+    def _objective(self, unit: Unit, cache: UnitCache) -> HierarchicalVideoLoss | None:
+        """Q-MiniSAM2's HVQ loss on the video units when asked for; the plain output error elsewhere."""
+        if self.config.video_loss == "hvq" and is_video_unit(unit.name):
+            return HierarchicalVideoLoss(self.config.hvq, cache)
+        return None
 
     def _report(
         self, unit: Unit, phase: Phase, phase_dir: Path, steps: int, seconds: float, errors: dict
