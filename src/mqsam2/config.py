@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mqsam2.errors import MQSAM2Error
+from mqsam2.quant.lsc import LSCConfig
 from mqsam2.quant.swap import QuantConfig
 from mqsam2.reconstruct.hvq import HVQConfig
 from mqsam2.reconstruct.units import UNIT_MODES
@@ -62,7 +63,7 @@ class ReconstructionConfig:
     """Block-wise reconstruction (method.md §5); `iters` per unit, Lightning Trainer settings alongside;
     `units` limits it to the named units (the others keep round-to-nearest). `video_loss: hvq` trains the
     memory attention layers and the memory encoder with Q-MiniSAM2's HVQ loss (`hvq` settings) instead of
-    the plain output error."""
+    the plain output error; mode `lsc` learns Q-SAM2's statistical clipping and the weights (`lsc` settings)."""
 
     mode: str = "qdrop"
     units: list[str] | None = None
@@ -87,6 +88,7 @@ class ReconstructionConfig:
     cuda_graphs: bool = True
     video_loss: str = "mse"
     hvq: HVQConfig = field(default_factory=HVQConfig)
+    lsc: LSCConfig = field(default_factory=LSCConfig)
 
     def __post_init__(self) -> None:
         if self.mode not in UNIT_MODES:

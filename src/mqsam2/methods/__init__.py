@@ -14,6 +14,7 @@ from mqsam2.methods import (  # noqa: F401  (each module registers its method on
     percentile,
     qdrop,
     qminisam2,
+    qsam2,
 )
 from mqsam2.methods.registry import METHODS, Method, get_method, register
 

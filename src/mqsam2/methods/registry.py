@@ -23,7 +23,7 @@ class Method:
       Uniform methods put every layer at b (WbAb).
     - quantizers: the observers that initialise weight and activation ranges (`dynamic`: per live input), and
       whether attention matmuls are quantized.
-    - per unit: `reconstruction` is the learning recipe (`none`, `adaround`, `brecq`, `qdrop`); `video_loss`
+    - per unit: `reconstruction` is the learning recipe (`none`, `adaround`, `brecq`, `qdrop`, `lsc`); `video_loss`
       the objective of the memory attention layers and the memory encoder (`mse`: output error; `hvq`:
       Q-MiniSAM2's hierarchy-based video loss).
     - hooks: `before_quantize(float_model, workload)` runs on the model's copy before layers are swapped (e.g.
@@ -38,7 +38,7 @@ class Method:
     weight_observer: str = "minmax"
     act_observer: str = "minmax"
     quantize_attention: bool = False
-    reconstruction: Literal["none", "adaround", "brecq", "qdrop"] = "none"
+    reconstruction: Literal["none", "adaround", "brecq", "qdrop", "lsc"] = "none"
     video_loss: Literal["mse", "hvq"] = "mse"
     before_quantize: Hook | None = None
     after_calibration: Hook | None = None

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from mqsam2.config import ReconstructionConfig
 from mqsam2.distributed import rank_and_world, trainer_layout
 from mqsam2.errors import MQSAM2Error
+from mqsam2.quant.lsc import ClippingSession
 from mqsam2.reconstruct.cache import UnitCache, capture_unit, chain_cache
 from mqsam2.reconstruct.hvq import HierarchicalVideoLoss, is_video_unit
 from mqsam2.reconstruct.module import UnitReconstruction, unit_error
@@ -54,11 +55,12 @@ class Phase:
     learn_act: bool
     drop_prob: float = 0.0
     act_quant_on: bool = True
+    learn_clipping: bool = False
 
 
 def phases(config: ReconstructionConfig) -> list[Phase]:
     """QDrop learns everything at once; BRECQ weights (activations float) then activation steps; AdaRound
-    learns only rounding, layer by layer."""
+    learns only rounding, layer by layer; LSC learns clipping ranges and the weights (rounding to nearest)."""
     if config.mode == "qdrop":
         return [Phase("qdrop", config.iters, True, True, config.drop_prob)]
     if config.mode == "brecq":
@@ -68,6 +70,8 @@ def phases(config: ReconstructionConfig) -> list[Phase]:
         ]
     if config.mode == "adaround":
         return [Phase("rounding", config.iters, True, False)]
+    if config.mode == "lsc":
+        return [Phase("lsc", config.iters, False, False, learn_clipping=True)]
     return []
 
 
@@ -209,6 +213,9 @@ class Reconstructor:
                 layer.weight_quantizer.start_adaround(layer.weight)
         for quantizer in unit.act_quantizers.values():
             quantizer.enabled = phase.act_quant_on
+        # LSC steps run eagerly: its running statistics update in place at every forward, which graph capture's
+        # warm-up passes would repeat.
+        clipping = ClippingSession(unit, cache, self.config.lsc) if phase.learn_clipping else None
         module = UnitReconstruction(
             unit,
             cache,
@@ -223,7 +230,8 @@ class Reconstructor:
             seed=self.seed,
             check_finite_every=self.config.check_finite_every,
             compile=self.config.compile,
-            cuda_graphs=self.config.cuda_graphs and self.world_size == 1,
+            cuda_graphs=self.config.cuda_graphs and self.world_size == 1 and clipping is None,
+            extra_groups=clipping.param_groups() if clipping else (),
             objective=self._objective(unit, cache),
         )
         module.batch_size = self.config.batch_size
@@ -239,6 +247,8 @@ class Reconstructor:
             log.info("  %s: resuming from %s (step %d)", phase.name, resume.name, first_step)
         trainer.fit(module, DataLoader(range(phase.iters), batch_size=None), ckpt_path=resume)
         seconds = time.perf_counter() - start
+        if clipping is not None:
+            clipping.finish()
         module.finish()
         for quantizer in unit.act_quantizers.values():
             quantizer.enabled = True
