@@ -9,11 +9,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mqsam2.api import Recipe, quantize_sam2
+from mqsam2.config import ReconstructionConfig
 from mqsam2.errors import MQSAM2Error
-from mqsam2.memory import MutualKVOptions, MutualKVVideoPredictor, Prompt, set_memory_policy
+from mqsam2.memory import (
+    MutualKVOptions,
+    MutualKVVideoPredictor,
+    Prompt,
+    VideoPredictor,
+    set_memory_policy,
+)
 from mqsam2.memory.mutual_kv import group_frames, shared_memory_kv
 from mqsam2.models import build_sam2
 from mqsam2.quant import QuantConfig, quantize
+from mqsam2.workload import Workload
 
 from .eval_data import EVAL_IMAGE_SIZE, make_clip
 
@@ -138,3 +147,12 @@ def test_log_size_term_refuses_quantized_attention_matmuls():
         shared_memory_kv(model.memory_attention, 16, 1, model.memory_options),
     ):
         pass
+
+
+def test_qminisam2_mkv_quantizes_under_fifo_and_returns_a_mutual_kv_tracker(tmp_path):
+    float_model = build_sam2("t", image_size=EVAL_IMAGE_SIZE)
+    workload = Workload([make_clip(num_frames=3, num_objects=1)], [], max_objects=1)
+    recipe = Recipe(method="qminisam2-mkv", bits=8, reconstruction=ReconstructionConfig(units=[]))
+    model = quantize_sam2(float_model, workload, recipe, workdir=tmp_path).model
+    assert type(model) is MutualKVVideoPredictor and model.memory_options == MutualKVOptions()
+    assert type(float_model) is VideoPredictor

@@ -25,6 +25,7 @@ from mqsam2.allocation import Allocation, allocate
 from mqsam2.config import ReconstructionConfig
 from mqsam2.errors import MQSAM2Error
 from mqsam2.importance import ImportanceCollector, LayerImportance
+from mqsam2.memory.policies import set_memory_policy
 from mqsam2.methods import Method, get_method
 from mqsam2.quant import calibration, quantizable_layers, quantize
 from mqsam2.quant.swap import QuantConfig
@@ -191,4 +192,6 @@ def quantize_sam2(
             reconstruct(model, float_model, workload, rec, tmp, seed=recipe.seed)
     else:
         reconstruct(model, float_model, workload, rec, workdir, seed=recipe.seed)
+    if method.memory_policy is not None:
+        set_memory_policy(model, method.memory_policy)
     return QuantizedSAM2(model, allocation)

@@ -34,7 +34,7 @@ from mqsam2.quant.modules import QuantAttentionMixin
 class MutualKVOptions:
     """Similarity threshold of a group (cosine, in [-1, 1]; above 1 nothing groups) and the log|G| term."""
 
-    threshold: float = 0.9
+    threshold: float = 0.95
     log_size_bias: bool = True
 
 
@@ -161,7 +161,7 @@ class MutualKVVideoPredictor(VideoPredictor):
     `set_memory_policy(model, "mutual-kv", threshold=...)`.
     """
 
-    def __init__(self, threshold: float = 0.9, log_size_bias: bool = True, **kwargs):
+    def __init__(self, threshold: float = 0.95, log_size_bias: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.configure_memory(threshold=threshold, log_size_bias=log_size_bias)
 
