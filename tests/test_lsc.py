@@ -4,6 +4,7 @@ Q-SAM2 recipe at W2A4 through the library front door."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,11 +12,13 @@ import torch
 
 from mqsam2.api import Recipe, quantize_sam2
 from mqsam2.config import ReconstructionConfig
+from mqsam2.methods.qsam2 import QSAM2
 from mqsam2.models import build_sam2
 from mqsam2.quant.affine import qmax
 from mqsam2.quant.lsc import StatisticalClipQuantizer, calibrated_range
 from mqsam2.quant.modules import QuantLayerMixin
 from mqsam2.quant.quantizer import ActQuantizer, WeightQuantizer
+from mqsam2.quant.vrc import vrc_before_quantize
 from mqsam2.workload import Workload
 
 from .eval_data import EVAL_IMAGE_SIZE, make_clip
@@ -101,17 +104,20 @@ def test_clipping_starts_at_the_calibrated_range_and_ends_as_an_affine_quantizer
 
 
 def test_qsam2_recipe_at_w2a4_runs_and_leaves_plain_2_bit_quantizers(tmp_path):
-    """VRC, calibration and LSC on two units of a random-init tiny SAM2 at 64 px: the result holds ordinary
-    affine quantizers, weights at 2 bits and inputs at 4, and the units' output errors fall."""
+    """Calibration and LSC on two units of a random-init tiny SAM2 at 64 px through the library front door: the
+    result holds ordinary affine quantizers, weights at 2 bits and inputs at 4, and the units' output errors
+    fall. (VRC, Q-SAM2's first step, has its own tests; its float64 solves over the whole encoder would cost
+    this CPU test half a minute, so the recipe runs here without it.)"""
+    assert QSAM2.before_quantize is vrc_before_quantize
     float_model = build_sam2("t", image_size=EVAL_IMAGE_SIZE)
     workload = Workload([make_clip(num_frames=4, num_objects=1)], [], max_objects=1)
     units = ["memory_attention.layers.0", "obj_ptr_proj"]
     recipe = Recipe(
-        method="qsam2",
+        method=dataclasses.replace(QSAM2, before_quantize=None),
         bits=2,
         act_bits=4,
         reconstruction=ReconstructionConfig(
-            iters=40, batch_size=2, checkpoint_every=40, accelerator="cpu", units=units
+            iters=30, batch_size=2, checkpoint_every=30, accelerator="cpu", units=units
         ),
     )
     model = quantize_sam2(float_model, workload, recipe, workdir=tmp_path).model

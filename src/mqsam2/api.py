@@ -41,7 +41,7 @@ class Recipe:
     on top of shared quantizer and reconstruction settings. `act_bits` gives a uniform method's activations
     their own width (WbAa, e.g. W2A4)."""
 
-    method: str = "mixqsam2-measured"
+    method: str | Method = "mixqsam2-measured"
     bits: float = 4
     act_bits: int | None = None
     candidates: list[int] | None = None
@@ -52,7 +52,7 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.act_bits is not None and self.resolved.mixed:
             raise MQSAM2Error(
-                f"act_bits applies to uniform methods; {self.method} allocates activation widths itself"
+                f"act_bits applies to uniform methods; {self.resolved.name} allocates activation widths itself"
             )
 
     @property

@@ -67,8 +67,9 @@ def recalibrated(
     c = covariance.double().to(w.device)
     mu = mean.double().to(w.device)
     ridge = damping * torch.diagonal(c).mean().clamp_min(torch.finfo(torch.float64).tiny)
-    # W' = W C (C + lambda I)^-1, solved as (C + lambda I) W'^T = C W^T (C symmetric)
-    new_w = torch.linalg.solve(c + ridge * torch.eye(len(c), dtype=c.dtype, device=c.device), c @ w.T).T
+    # W C (C + lambda I)^-1 = W - lambda W (C + lambda I)^-1, and C + lambda I is symmetric positive definite
+    factor = torch.linalg.cholesky(c + ridge * torch.eye(len(c), dtype=c.dtype, device=c.device))
+    new_w = w - ridge * torch.cholesky_solve(w.T, factor).T
     b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if bias is None else bias.double()
     new_b = b + (w - new_w) @ mu
     return new_w.to(weight.dtype), new_b.to(weight.dtype)
@@ -126,8 +127,8 @@ def _report(
     w, delta = weight.double(), weight.double() - new_w.double()
     c, mu = covariance.to(w.device), mean.to(w.device)
     out_mean = w @ mu + (0 if bias is None else bias.double())
-    signal = torch.trace(w @ c @ w.T) + out_mean.pow(2).sum()
-    error = torch.trace(delta @ c @ delta.T).clamp_min(0)
+    signal = ((w @ c) * w).sum() + out_mean.pow(2).sum()
+    error = ((delta @ c) * delta).sum().clamp_min(0)
     return VRCReport(float(new_w.float().std() / weight.float().std()), float((error / signal).sqrt()))
 
 
