@@ -31,6 +31,7 @@ from mqsam2.models import build_sam2
 from mqsam2.quant import QuantConfig, calibration, quantize
 from mqsam2.reconstruct.driver import Reconstructor, progress_bar
 from mqsam2.reconstruct.module import UnitReconstruction
+from mqsam2.rundir import RunDir
 
 FULL_ITERS = 20_000
 
@@ -125,12 +126,11 @@ def measure(args: argparse.Namespace) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as run_dir:
         reconstructor = Reconstructor(
-            model, float_model, workload, config, Path(run_dir), only=None if args.all_units else args.units
+            model, float_model, workload, config, RunDir(run_dir), only=None if args.all_units else args.units
         )
-        previous = None
         for unit in reconstructor.units:
             start = time.perf_counter()
-            cache = reconstructor.capture(unit, previous)
+            cache = reconstructor.capture(unit)
             capture_seconds = time.perf_counter() - start
             for layer in unit.layers.values():
                 layer.weight_quantizer.start_adaround(layer.weight)
@@ -180,7 +180,6 @@ def measure(args: argparse.Namespace) -> list[dict]:
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
-            previous = (unit, cache)
     return rows
 
 

@@ -3,27 +3,28 @@ whose video and image outputs equal the in-memory quantized SAM2's exactly."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
+import zlib
 
 import pytest
 import torch
 import yaml
 
-from mqsam2.config import FitConfig, ModelConfig, ReconstructionConfig
+from mqsam2.config import FitConfig, ModelConfig, ReconstructionConfig, config_dict
 from mqsam2.errors import MQSAM2Error
 from mqsam2.export import export_model, load_export, pack_codes, read_header, unpack_codes
 from mqsam2.export.__main__ import main as export_cli
 from mqsam2.export.card import float_checkpoint_bytes
-from mqsam2.export.run import load_run
 from mqsam2.memory.predictor import Prompt
 from mqsam2.models import TensorImagePredictor, build_sam2
-from mqsam2.pipeline import config_dict
 from mqsam2.quant import QuantConfig, calibration, quantizable_layers, quantize, quantized_layers
 from mqsam2.quant.checkpoint import save_quantized
-from mqsam2.reconstruct.driver import phases, unit_dir
+from mqsam2.reconstruct.driver import phases
 from mqsam2.reconstruct.units import reconstruction_units
+from mqsam2.rundir import RunDir
 from tests.conftest import _moving_square_clip
 
 SIZE = 128  # the smallest input that keeps every SAM2 stage non-trivial; fast on CPU
@@ -148,7 +149,7 @@ def test_bytes_on_disk_match_the_packing_formula(quantized, exported):
     )
     theoretical = codes + channel_params + floats
     on_disk = path.stat().st_size
-    assert on_disk == 16 + header_bytes + theoretical
+    assert on_disk == 16 + header_bytes + theoretical + 32  # prefix, header, payload, SHA-256 trailer
     assert abs(on_disk - theoretical) <= 0.05 * theoretical
     assert card["bytes"]["file_on_disk"] == on_disk and card["bytes"]["packed_codes"] == codes
     assert {int(b) for b in card["plan"]["layers_per_bits"]} == set(range(2, 9))
@@ -186,13 +187,73 @@ def test_loading_against_another_config_names_both_sides(exported):
         load_export(exported[0], sam2_config=OTHER_CONFIG)
 
 
-def test_header_config_that_does_not_fit_the_tensors_names_both_sides(exported, tmp_path):
-    data = exported[0].read_bytes()
+def _split(data: bytes) -> tuple[dict, bytes]:
     length = struct.unpack("<Q", data[8:16])[0]
-    header = json.loads(data[16 : 16 + length])
-    header["model"]["sam2_config"] = OTHER_CONFIG
+    return json.loads(data[16 : 16 + length]), data[16 + length : -32]
+
+
+def _signed(header: dict, payload: bytes) -> bytes:
+    """A file with this header, as a writer would sign it (prefix, header, payload, SHA-256 of them)."""
     text = json.dumps(header).encode()
-    (tmp_path / "bad.mq").write_bytes(data[:8] + struct.pack("<Q", len(text)) + text + data[16 + length :])
+    body = b"MQSAM2PK" + struct.pack("<Q", len(text)) + text + payload
+    return body + hashlib.sha256(body).digest()
+
+
+def test_checksums_are_the_sha256_of_the_file_and_the_crc32_of_each_tensor(quantized, exported):
+    data = exported[0].read_bytes()
+    assert data[-32:] == hashlib.sha256(data[:-32]).digest()
+    header, _ = _split(data)
+    key = "maskmem_tpos_enc"
+    crc = header["tensors"][key]["data"][2]
+    assert crc == zlib.crc32(quantized.state_dict()[key].contiguous().numpy().tobytes())
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (
+            "payload",
+            r"damaged: the bytes of image_encoder\.trunk\.blocks\.0\.attn\.qkv \(codes\) do not match",
+        ),
+        ("header", r"is damaged|header is damaged"),
+        ("truncated", r"is damaged: payload of \d+ bytes, header says \d+"),
+        ("trailer", r"is damaged: its checksum does not match"),
+    ],
+    ids=lambda value: value if value.isalpha() else "",
+)
+def test_a_damaged_export_is_refused_naming_the_damage(exported, tmp_path, damage, message):
+    data = bytearray(exported[0].read_bytes())
+    length = struct.unpack("<Q", data[8:16])[0]
+    if damage == "payload":
+        data[16 + length + 1000] ^= 0x01  # one bit of one tensor
+    elif damage == "header":
+        data[16 + length // 2] ^= 0x01
+    elif damage == "truncated":
+        del data[-1000:]
+    else:
+        data[-1] ^= 0x01
+    (tmp_path / "bad.mq").write_bytes(bytes(data))
+    with pytest.raises(MQSAM2Error, match=message):
+        load_export(tmp_path / "bad.mq")
+
+
+def test_version_1_files_without_checksums_still_load(quantized, exported, tmp_path):
+    header, payload = _split(exported[0].read_bytes())
+    header["version"] = 1
+    for entry in [*header["weights"].values(), *header["tensors"].values()]:
+        for part in ("codes", "scale", "zero_point", "data"):
+            if part in entry:
+                entry[part] = entry[part][:2]
+    text = json.dumps(header).encode()
+    (tmp_path / "v1.mq").write_bytes(b"MQSAM2PK" + struct.pack("<Q", len(text)) + text + payload)
+    loaded = load_export(tmp_path / "v1.mq").state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in exported[2].state_dict().items())
+
+
+def test_header_config_that_does_not_fit_the_tensors_names_both_sides(exported, tmp_path):
+    header, payload = _split(exported[0].read_bytes())
+    header["model"]["sam2_config"] = OTHER_CONFIG
+    (tmp_path / "bad.mq").write_bytes(_signed(header, payload))
     with pytest.raises(
         MQSAM2Error, match=r"do not fit its SAM2 config .*hiera_s.yaml .*they fit .*hiera_t.yaml"
     ):
@@ -234,12 +295,13 @@ def test_cli_exports_a_run_directory(quantized, exported, tmp_path):
     for layer in (name for unit in units for name in unit.layers):  # reconstruction changes the weights...
         calibrated[f"{layer}.weight"] += 1.0
     torch.save(calibrated, run_dir / "calibrated.pt")
+    run = RunDir(run_dir)
     with pytest.raises(MQSAM2Error, match="is unfinished: unit image_encoder.trunk.blocks.0 has no qdrop.pt"):
-        load_run(run_dir)
+        run.load_model()
     for unit in units:  # ...and each unit's phase file holds the result
         for phase in phases(config.reconstruction):
-            unit_dir(run_dir, unit.name).mkdir(parents=True, exist_ok=True)
-            torch.save(unit.module.state_dict(), unit_dir(run_dir, unit.name) / f"{phase.name}.pt")
+            run.unit_dir(unit.name).mkdir(parents=True, exist_ok=True)
+            torch.save(unit.module.state_dict(), run.phase_state(unit.name, phase.name))
     assert export_cli(["--run", str(run_dir)]) == 0
     assert (run_dir / "export" / "model.mq").read_bytes() == exported[0].read_bytes()
     assert json.loads((run_dir / "export" / "model_card.json").read_text())["name"] == "unit"

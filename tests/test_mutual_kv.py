@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from mqsam2.api import Recipe, quantize_sam2
-from mqsam2.config import ReconstructionConfig
 from mqsam2.errors import MQSAM2Error
 from mqsam2.memory import (
     MutualKVOptions,
@@ -152,7 +151,7 @@ def test_log_size_term_refuses_quantized_attention_matmuls():
 def test_qminisam2_mkv_quantizes_under_fifo_and_returns_a_mutual_kv_tracker(tmp_path):
     float_model = build_sam2("t", image_size=EVAL_IMAGE_SIZE)
     workload = Workload([make_clip(num_frames=3, num_objects=1)], [], max_objects=1)
-    recipe = Recipe(method="qminisam2-mkv", bits=8, reconstruction=ReconstructionConfig(units=[]))
+    recipe = Recipe(method="qminisam2-mkv", bits=8, learn=False)  # calibration only: the policy is the point
     model = quantize_sam2(float_model, workload, recipe, workdir=tmp_path).model
     assert type(model) is MutualKVVideoPredictor and model.memory_options == MutualKVOptions()
     assert type(float_model) is VideoPredictor

@@ -1,9 +1,11 @@
 """Slurm: the rank/world wiring under SLURM_* variables and the requeue handler (fast), then a real single-node
 cluster that runs jobs/reconstruct.slurm, preempts it twice in the middle of a unit (an operator's
-`scontrol requeue`, then the SIGUSR1 time-limit warning) and compares the resumed run with an uninterrupted one."""
+`scontrol requeue`, then the SIGUSR1 time-limit warning, which Lightning answers with an hpc checkpoint) and
+compares the resumed run with an uninterrupted one."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -13,8 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from mqsam2 import slurm
 from mqsam2.distributed import local_rank, processes_per_node, rank_and_world, trainer_layout
@@ -135,6 +139,47 @@ def test_no_handler_outside_slurm(srun_task):
     previous = signal.getsignal(slurm.REQUEUE_SIGNAL)
     assert not slurm.install_requeue_handler()
     assert signal.getsignal(slurm.REQUEUE_SIGNAL) is previous
+
+
+class _SignalsItselfMidFit(L.LightningModule):
+    """Sends itself Slurm's time-limit warning during step `at` of a short fit."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.at = at
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == self.at:
+            os.kill(os.getpid(), slurm.REQUEUE_SIGNAL)
+        return (self.weight - 1).square().sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_inside_a_fit_lightning_writes_its_hpc_checkpoint_and_requeues(fake_scontrol, srun_task, tmp_path):
+    """Lightning skips its SLURM handler when one is installed; around a fit, ours steps aside, so the warning
+    saves the step in progress (the resumed unit loses at most that step) and requeues; afterwards ours is back."""
+    for name, value in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0"}.items():
+        srun_task.setenv(name, value)
+    srun_task.setenv("SLURM_LOCALID", "0")
+    srun_task.setenv("SLURM_NODEID", "0")
+    srun_task.setenv("SLURM_NODELIST", "gpu01")
+    assert slurm.install_requeue_handler()
+    trainer = L.Trainer(
+        max_steps=5, accelerator="cpu", devices=1, default_root_dir=tmp_path, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    with slurm.lightning_requeues():
+        trainer.fit(_SignalsItselfMidFit(at=3), DataLoader(range(5), batch_size=None))
+    checkpoint = newest_checkpoint(tmp_path)
+    assert checkpoint is not None and checkpoint.name.startswith("hpc_ckpt_")
+    assert (
+        torch.load(checkpoint, weights_only=False)["global_step"] == 3
+    )  # the step in flight, not a lost one
+    assert fake_scontrol.read_text() == "requeue 1234\n"
+    assert signal.getsignal(slurm.REQUEUE_SIGNAL) is slurm._on_warning
 
 
 # ---- a real cluster --------------------------------------------------------------------------------------
@@ -265,22 +310,28 @@ def test_preempted_job_resumes_mid_unit_and_matches_an_uninterrupted_run(cluster
     log = logs[preempted].read_text()
     assert _job(env, preempted)["Restarts"] == "2"
     assert [f"start {n}" in log for n in (1, 2, 3)] == [True] * 3
-    assert f"requeued {preempted}," in log  # by mqsam2.slurm's SIGUSR1 handler
 
     # Every unit finished exactly once, in order: none was re-run after a restart.
     records, expected = _records(run_dir), _records(reference)
     assert [r["unit"] for r in records] == [r["unit"] for r in expected]
     assert len(records) == len({r["unit"] for r in records}) == 25
 
-    # The interrupted units resumed from their mid-fit checkpoint, in a second attempt; no other unit restarted.
-    resumed = {int(step) for step in re.findall(r"qdrop: resuming from last\.ckpt \(step (\d+)\)", log)}
+    # The interrupted units resumed in a second attempt, no other unit restarted: the operator's requeue from
+    # the last periodic checkpoint, the warning from the hpc checkpoint Lightning's handler wrote mid-fit, which
+    # loses at most the step in flight (attempt0 logs every step, so its last logged step is the last done).
+    resumed = dict(re.findall(r"qdrop: resuming from (last|hpc_ckpt_\d+)\.ckpt \(step (\d+)\)", log))
+    assert set(resumed) == {"last", "hpc_ckpt_1"}, resumed
     for record in records:
         attempts = sorted(p.name for p in (run_dir / "units" / record["unit"] / "qdrop" / "logs").iterdir())
         if record["unit"] in (OPERATOR_CUT, WARNING_CUT):
+            start = int(resumed["last" if record["unit"] == OPERATOR_CUT else "hpc_ckpt_1"])
             assert attempts == ["attempt0", "attempt1"], record["unit"]
-            assert 0 < record["steps_this_run"] < ITERS and ITERS - record["steps_this_run"] in resumed
+            assert 0 < record["steps_this_run"] == ITERS - start, record["unit"]
         else:
             assert attempts == ["attempt0"] and record["steps_this_run"] == ITERS, record["unit"]
+    first_attempt = run_dir / "units" / WARNING_CUT / "qdrop" / "logs" / "attempt0" / "metrics.csv"
+    done = max(int(row["step"]) for row in csv.DictReader(first_attempt.open()))
+    assert int(resumed["hpc_ckpt_1"]) >= done, "the warning lost more than the step in flight"
 
     # Same result as the uninterrupted run: every unit's final state, and the deployable export, bit for bit.
     for record in records:

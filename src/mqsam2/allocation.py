@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from mqsam2.errors import MQSAM2Error
+from mqsam2.files import atomic_output, write_text
 from mqsam2.importance import LayerImportance
 
 ErrorModel = Callable[[int], float]
@@ -82,6 +83,37 @@ def error_model(error: str | ErrorModel | None) -> ErrorModel:
     return ERROR_MODELS[error]
 
 
+def check_budget(
+    candidates: Sequence[int], target_avg: float, error: str | ErrorModel | None = None, method: str = "ilp"
+) -> list[int]:
+    """The checks of Eq. 6 that need no layers (so a config is refused before any work): candidates are
+    distinct positive integers, the target lies within them (the uniform plan: is one of them) and the error
+    model falls as bits grow. Returns the candidates in ascending order."""
+    if not candidates:
+        raise AllocationError("no candidate bit-widths: give allocation.candidates, e.g. [3, 4, 5]")
+    if len(set(candidates)) != len(candidates):
+        raise AllocationError(f"duplicate candidate bit-widths in {list(candidates)}")
+    if not all(isinstance(bits, numbers.Integral) and bits > 0 for bits in candidates):
+        raise AllocationError(f"candidate bit-widths must be positive integers, got {list(candidates)}")
+    ascending = sorted(int(bits) for bits in candidates)
+    if not ascending[0] <= target_avg <= ascending[-1]:
+        raise AllocationError(
+            f"target_avg={target_avg} is outside the feasible range [{ascending[0]}, {ascending[-1]}] "
+            f"of candidates {ascending}: change allocation.target_avg or allocation.candidates"
+        )
+    if method == "uniform" and target_avg not in ascending:
+        raise AllocationError(
+            f"uniform allocation needs target_avg={target_avg} among candidates {ascending}"
+        )
+    model = error_model(error)
+    errors = [model(bits) for bits in ascending]
+    if not all(math.isfinite(e) and e >= 0 for e in errors) or any(
+        later >= earlier for earlier, later in itertools.pairwise(errors)
+    ):
+        raise AllocationError(f"the error model must be finite, >= 0 and fall as bits grow; got {errors}")
+    return ascending
+
+
 def _problem(
     scores: Sequence[float],
     params: Sequence[int],
@@ -101,24 +133,8 @@ def _problem(
             raise AllocationError(
                 f"parameter count of layer {layer} is {count}; counts must be positive integers"
             )
-    if not candidates:
-        raise AllocationError("no candidate bit-widths")
-    if len(set(candidates)) != len(candidates):
-        raise AllocationError(f"duplicate candidate bit-widths in {list(candidates)}")
-    if not all(isinstance(bits, numbers.Integral) and bits > 0 for bits in candidates):
-        raise AllocationError(f"candidate bit-widths must be positive integers, got {list(candidates)}")
-    ascending = sorted(int(bits) for bits in candidates)
-    if not ascending[0] <= target_avg <= ascending[-1]:
-        raise AllocationError(
-            f"target_avg={target_avg} is outside the feasible range [{ascending[0]}, {ascending[-1]}] "
-            f"of candidates {ascending}"
-        )
+    ascending = check_budget(candidates, target_avg, error)
     error = error_model(error)
-    errors = [error(bits) for bits in ascending]
-    if not all(math.isfinite(e) and e >= 0 for e in errors) or any(
-        later >= earlier for earlier, later in itertools.pairwise(errors)
-    ):
-        raise AllocationError(f"the error model must be finite, >= 0 and fall as bits grow; got {errors}")
     params = [int(count) for count in params]
     budget = math.floor(Fraction(str(float(target_avg))) * sum(params))
     return _Problem([float(s) for s in scores], params, ascending, budget, error)
@@ -498,8 +514,7 @@ def write_plan(allocation: Allocation, path: str | Path) -> Path:
         "bits": allocation.plan,
         "act_bits": allocation.act_plan,
     }
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    return path
+    return write_text(path, json.dumps(report, indent=1) + "\n")
 
 
 def read_plan(path: str | Path) -> dict[str, int]:
@@ -550,5 +565,6 @@ def plot_allocation(
     handles = [Patch(color=colour, label=family) for family, colour in colours.items()] + [marks]
     figure.legend(handles=handles, loc="outside lower center", ncols=4, fontsize="small")
     path = Path(path)
-    figure.savefig(path, dpi=150)
+    with atomic_output(path) as stream:
+        figure.savefig(stream, dpi=150, format="png")
     return path

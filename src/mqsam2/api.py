@@ -43,11 +43,12 @@ class Recipe:
 
     method: str | Method = "mixqsam2-measured"
     bits: float = 4
-    act_bits: int | None = None
     candidates: list[int] | None = None
     quant: QuantConfig = field(default_factory=QuantConfig)
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
     seed: int = 0
+    learn: bool = True  # False stops after calibration: the round-to-nearest ablation of a learning method
+    act_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.act_bits is not None and self.resolved.mixed:
@@ -102,6 +103,11 @@ def measure_importance(
 def allocate_bits(importance: dict[str, LayerImportance], recipe: Recipe) -> Allocation:
     """The method's allocation: Eq. 6 for mixed methods, every layer at b for uniform ones."""
     method = recipe.resolved
+    if method.allocator is not None:
+        raise MQSAM2Error(
+            f"{method.name} allocates from the model, not from Eq. 2-4 importance: call "
+            f"get_method({method.name!r}).allocator(float_model, workload, recipe)"
+        )
     if not method.mixed:
         return allocate(
             importance, method="uniform", target_avg=int(recipe.bits), candidates=[int(recipe.bits)]
@@ -131,6 +137,7 @@ def quant_config(recipe: Recipe, allocation: Allocation) -> QuantConfig:
         weight_observer=method.weight_observer,
         act_observer=method.act_observer,
         quantize_attention=recipe.quant.quantize_attention or method.quantize_attention,
+        attention_probs=method.attention_probs or recipe.quant.attention_probs,
     )
 
 
@@ -162,9 +169,10 @@ def reconstruct(
     if config.mode == "none":
         return
     from mqsam2.reconstruct.driver import Reconstructor
+    from mqsam2.rundir import RunDir
 
     reconstructor = Reconstructor(
-        model, float_model, workload, config, Path(workdir), list(loggers), seed=seed, only=config.units
+        model, float_model, workload, config, RunDir(workdir), list(loggers), seed=seed, only=config.units
     )
     log.info("reconstruction: %s over %d units", config.mode, len(reconstructor.units))
     reconstructor.run()
@@ -178,15 +186,23 @@ def quantize_sam2(
     importance: dict[str, LayerImportance] | None = None,
 ) -> QuantizedSAM2:
     """The whole recipe of `recipe.method`; `workdir` keeps reconstruction resumable (a temporary one if None),
-    `importance` reuses measurements made earlier on the same model and data."""
+    `importance` reuses Eq. 2-4 measurements made earlier on the same model and data (methods with their own
+    `allocator` measure their own)."""
     method = recipe.resolved
-    measured = recipe.candidate_widths() if method.error == "measured" else None
-    if importance is None or (measured and not next(iter(importance.values())).weight_errors):
-        importance = measure_importance(float_model, workload, recipe.quant, measured)
-    allocation = allocate_bits(importance, recipe)
+    if method.allocator is not None:
+        allocation = method.allocator(float_model, workload, recipe)
+    else:
+        measured = recipe.candidate_widths() if method.error == "measured" else None
+        if importance is None or (measured and not next(iter(importance.values())).weight_errors):
+            importance = measure_importance(float_model, workload, recipe.quant, measured)
+        allocation = allocate_bits(importance, recipe)
     config = quant_config(recipe, allocation)
     model = quantize_calibrated(float_model, config, workload, method)
-    rec = dataclasses.replace(recipe.reconstruction, mode=method.reconstruction, video_loss=method.video_loss)
+    rec = dataclasses.replace(
+        recipe.reconstruction,
+        mode=method.reconstruction if recipe.learn else "none",
+        video_loss=method.video_loss,
+    )
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="mqsam2-") as tmp:
             reconstruct(model, float_model, workload, rec, tmp, seed=recipe.seed)

@@ -12,7 +12,7 @@ import torch
 from mqsam2.errors import MQSAM2Error
 from mqsam2.evaluate import PromptKind, clip_prompts, score_tracks, track
 from mqsam2.memory.policies import using_memory_policy
-from mqsam2.metrics.coco import mask_map
+from mqsam2.metrics.coco import MaskMAP, mask_map
 from mqsam2.metrics.jandf import JandF
 from mqsam2.overlays import save_overlay
 from mqsam2.wandb_images import log_images
@@ -24,9 +24,11 @@ class EvaluationCallback(L.Callback):
     Logs `val/J`, `val/F`, `val/J&F` against labels and `val/mAP` (+ mAP50, mAP75), and, when the module has an
     `fp_model`, the same against the FP model's own masks as `val/fidelity/...`. `memory_policy` (e.g. "sis")
     is applied to both models for the evaluation with `memory_options` (its defaults when empty), so fidelity
-    isolates quantization damage under that policy; None keeps each model's own. Clips are split across ranks (J&F syncs under DDP); images are scored on
-    every rank. The first `overlays` clips are drawn (GT / FP / quantized) into `<log_dir>/overlays/`, and
-    sent to W&B when a WandbLogger is active.
+    isolates quantization damage under that policy; None keeps each model's own. Clips and images are split
+    across ranks, each rank scores its share and the metrics sync through torchmetrics. They are indexed one at
+    a time, so a lazy set (`mqsam2.data.validation_set`) is read from its shards clip by clip, never held whole.
+    The first `overlays` clips of rank 0 are drawn (GT / FP / quantized) into `<log_dir>/overlays/`, and sent
+    to W&B when a WandbLogger is active.
     """
 
     def __init__(
@@ -45,13 +47,7 @@ class EvaluationCallback(L.Callback):
             raise MQSAM2Error(
                 "EvaluationCallback has nothing to evaluate: give validation clips and/or images"
             )
-        self.clips, self.images = list(clips), list(images)
-        self.prompts = [clip_prompts(clip, prompt) for clip in self.clips]
-        self.labelled = any(  # any annotated frame after a prompt: label-free clips only give fidelity
-            bool(clip.annotated[p.frame + 1 :].any())
-            for clip, prompts in zip(self.clips, self.prompts, strict=True)
-            for p in prompts.values()
-        )
+        self.clips, self.images, self.prompt = clips, images, prompt
         self.detections = detections
         self.memory_policy, self.memory_options = memory_policy, dict(memory_options or {})
         self.overlays, self.overlay_frames = overlays, overlay_frames
@@ -64,14 +60,16 @@ class EvaluationCallback(L.Callback):
         if self.clips:
             metrics |= self._evaluate_video(trainer, pl_module.device, model, fp_model)
         if self.images:
-            metrics |= {f"val/{k}": v for k, v in self._image_stats(model).items()}
+            metrics |= {f"val/{k}": v for k, v in self._image_stats(trainer, pl_module.device, model).items()}
             if fp_model is not None:
-                metrics |= {f"val/fidelity/{k}": v for k, v in self._image_stats(model, fp_model).items()}
+                stats = self._image_stats(trainer, pl_module.device, model, fp_model)
+                metrics |= {f"val/fidelity/{k}": v for k, v in stats.items()}
         for name, value in metrics.items():
             pl_module.log(name, value, sync_dist=True)  # equal on every rank already; keeps DDP logging quiet
 
-    def _image_stats(self, model, reference=None) -> dict[str, float]:
-        stats = mask_map(model, self.images, self.detections, reference=reference)
+    def _image_stats(self, trainer: L.Trainer, device, model, reference=None) -> dict[str, float]:
+        share = self.images[trainer.global_rank :: trainer.world_size]
+        stats = mask_map(model, share, self.detections, reference=reference, metric=MaskMAP().to(device))
         return {k: stats[k] for k in ("mAP", "mAP50", "mAP75")}
 
     def _evaluate_video(self, trainer: L.Trainer, device: torch.device, model, fp_model) -> dict[str, float]:
@@ -82,7 +80,8 @@ class EvaluationCallback(L.Callback):
                 if m is not None:
                     stack.enter_context(using_memory_policy(m, self.memory_policy, **self.memory_options))
             for i in range(trainer.global_rank, len(self.clips), trainer.world_size):
-                clip, prompts = self.clips[i], self.prompts[i]
+                clip = self.clips[i]  # decoded now (a lazy set), dropped after this iteration
+                prompts = clip_prompts(clip, self.prompt)
                 pred = track(model, clip, prompts)
                 score_tracks(vs_labels, pred, clip.masks, clip, prompts, annotated_only=True)
                 reference = track(fp_model, clip, prompts) if fp_model is not None else None
@@ -93,7 +92,8 @@ class EvaluationCallback(L.Callback):
         if drawn:
             log_images(trainer.loggers, "val/overlays", drawn, step=trainer.global_step)
         metrics = {}
-        if self.labelled:
+        # Label-free clips (no annotated frame after a prompt, on any rank) only give fidelity.
+        if trainer.strategy.reduce(vs_labels.tracks.clone(), reduce_op="sum") > 0:
             metrics |= {f"val/{k}": float(v) for k, v in vs_labels.compute().items()}
         if fp_model is not None:
             metrics |= {f"val/fidelity/{k}": float(v) for k, v in vs_fp.compute().items()}

@@ -1,15 +1,33 @@
-"""One dataclass per pipeline stage; the YAML given to `python -m mqsam2.fit` maps onto `FitConfig`."""
+"""One dataclass per pipeline stage; the YAML given to `python -m mqsam2.fit` maps onto `FitConfig`.
+
+Choice fields are `Literal`s, so the parser lists the valid values; `__post_init__` checks what types cannot
+(ranges, the bit budget), so a config is refused before any work. Fields marked `runtime` (metadata) do not
+change a run's artifacts: a run directory may resume under a config that differs in them only.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ArgumentError as _ArgumentError
+
+from mqsam2.allocation import check_budget
 from mqsam2.errors import MQSAM2Error
+from mqsam2.models import check_image_size, config_name
+from mqsam2.quant.affine import check_bits
 from mqsam2.quant.lsc import LSCConfig
 from mqsam2.quant.swap import QuantConfig
+from mqsam2.reconstruct.capture import CAPTURE_MODES
 from mqsam2.reconstruct.hvq import HVQConfig
 from mqsam2.reconstruct.units import UNIT_MODES
 
+RUNTIME = {"runtime": True}  # field metadata: how a run is executed, not what it computes
 VIDEO_LOSSES = ("mse", "hvq")
 
 
@@ -17,16 +35,23 @@ VIDEO_LOSSES = ("mse", "hvq")
 class ModelConfig:
     """SAM2 size (t, s, b+, l), release (2.1 or 2), Meta checkpoint (none: seeded random init)."""
 
-    size: str = "t"
+    size: Literal["t", "s", "b+", "l"] = "t"
     version: str = "2.1"
     checkpoint: str | None = None
     image_size: int | None = None
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        self.version = str(self.version)  # YAML reads `version: 2.1` as a number
+        config_name(self.size, self.version)
+        if self.image_size is not None:
+            check_image_size(self.image_size)
+
 
 @dataclass
 class DataConfig:
-    """Shards to read (globs or brace patterns); without them, synthetic shards are generated under `root`."""
+    """Shards to read (folders, globs, brace patterns or paths, alone or in lists); without them, synthetic
+    shards are generated under `root`."""
 
     root: str = "data/synth"
     video_shards: list[str] | None = None
@@ -44,7 +69,7 @@ class DataConfig:
     val_videos: int = 4
     val_frames: int = 24
     val_images: int = 8
-    prompt: str = "box"
+    prompt: Literal["box", "mask", "point"] = "box"
     seed: int = 0
 
 
@@ -52,20 +77,28 @@ class DataConfig:
 class AllocationConfig:
     """Eq. 6: `ilp` (exact, PuLP/CBC), `greedy` (the paper's heuristic) or `uniform` (every layer at target)."""
 
-    method: str = "ilp"
+    method: Literal["ilp", "greedy", "uniform"] = "ilp"
     target_avg: float = 4.0
     candidates: list[int] = field(default_factory=lambda: [3, 4, 5])
-    error: str = "pow2"
+    error: Literal["pow2", "pow4"] = "pow2"
+
+    def __post_init__(self) -> None:
+        for bits in self.candidates:
+            check_bits(bits)
+        check_budget(self.candidates, self.target_avg, self.error, self.method)
 
 
 @dataclass
 class ReconstructionConfig:
     """Block-wise reconstruction (method.md §5); `iters` per unit, Lightning Trainer settings alongside;
-    `units` limits it to the named units (the others keep round-to-nearest). `video_loss: hvq` trains the
-    memory attention layers and the memory encoder with Q-MiniSAM2's HVQ loss (`hvq` settings) instead of
-    the plain output error; mode `lsc` learns Q-SAM2's statistical clipping and the weights (`lsc` settings)."""
+    `units` limits it to the named units (the others keep round-to-nearest); `capture` says how each unit's
+    calibration tensors are produced (mqsam2.reconstruct.capture), `cache_*` where they live during its fit
+    (mqsam2.reconstruct.placement: `cache_gb` is the GPU budget, default half of the free memory).
+    `video_loss: hvq` trains the memory attention layers and the memory encoder with Q-MiniSAM2's HVQ loss
+    (`hvq` settings) instead of the plain output error; mode `lsc` learns Q-SAM2's statistical clipping and
+    the weights (`lsc` settings)."""
 
-    mode: str = "qdrop"
+    mode: Literal["qdrop", "brecq", "adaround", "lsc", "none"] = "qdrop"
     units: list[str] | None = None
     iters: int = 20_000
     act_iters: int | None = None
@@ -77,16 +110,25 @@ class ReconstructionConfig:
     beta_end: float = 2.0
     warmup: float = 0.2
     drop_prob: float = 0.5
-    checkpoint_every: int = 1000
-    check_finite_every: int = 100
-    accelerator: str = "auto"
-    devices: int | str = "auto"
-    strategy: str = "auto"
-    precision: str = "32-true"
-    cache_device: str = "auto"
-    compile: bool = False
-    cuda_graphs: bool = True
-    video_loss: str = "mse"
+    checkpoint_every: int = field(default=1000, metadata=RUNTIME)
+    check_finite_every: int = field(default=100, metadata=RUNTIME)
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = field(default="auto", metadata=RUNTIME)
+    devices: int | Literal["auto"] = field(default="auto", metadata=RUNTIME)
+    strategy: str = field(default="auto", metadata=RUNTIME)
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"] = "32-true"
+    cache_device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=RUNTIME)
+    cache_gb: float | None = field(default=None, metadata=RUNTIME)
+    cache_bf16: bool = True
+    capture: Literal["sequential", "shared", "replay"] = "sequential"
+    compile: bool = field(default=False, metadata=RUNTIME)
+    cuda_graphs: bool = field(default=True, metadata=RUNTIME)
+    fused_kernels: bool = field(default=False, metadata=RUNTIME)
+    # A unit whose output error ends above max_error_growth x its start stops the run, or with keep_rtn
+    # keeps its round-to-nearest weights (recorded in units.jsonl and the model card). They only decide
+    # about units still to come, so a stopped run may resume with them changed.
+    max_error_growth: float = field(default=2.0, metadata=RUNTIME)
+    on_blowup: Literal["stop", "keep_rtn"] = field(default="stop", metadata=RUNTIME)
+    video_loss: Literal["mse", "hvq"] = "mse"
     hvq: HVQConfig = field(default_factory=HVQConfig)
     lsc: LSCConfig = field(default_factory=LSCConfig)
 
@@ -95,8 +137,24 @@ class ReconstructionConfig:
             raise MQSAM2Error(
                 f"reconstruction.mode {self.mode!r} is unknown: use one of {', '.join(UNIT_MODES)}"
             )
-        if self.iters < 1 or self.batch_size < 1:
-            raise MQSAM2Error("reconstruction.iters and reconstruction.batch_size must be positive")
+        if self.capture not in CAPTURE_MODES:
+            raise MQSAM2Error(
+                f"reconstruction.capture {self.capture!r} is unknown: use one of {', '.join(CAPTURE_MODES)}"
+            )
+        if self.iters < 1 or self.batch_size < 1 or (self.act_iters is not None and self.act_iters < 1):
+            raise MQSAM2Error("reconstruction.iters, act_iters and batch_size must be positive")
+        if self.checkpoint_every < 1 or self.check_finite_every < 1:
+            raise MQSAM2Error("reconstruction.checkpoint_every and check_finite_every must be positive")
+        if self.units is not None and not self.units:
+            raise MQSAM2Error("reconstruction.units is empty: name units, or leave it out for all of them")
+        for key in ("lr_rounding", "lr_act"):
+            lr = getattr(self, key)
+            if not 0.0 < lr <= 1.0:
+                raise MQSAM2Error(
+                    f"reconstruction.{key} {lr:g} must lie in (0, 1]: Adam's steps are about lr in size"
+                )
+        if not self.max_error_growth >= 1.0:
+            raise MQSAM2Error(f"reconstruction.max_error_growth {self.max_error_growth:g} must be at least 1")
         if not 0.0 <= self.drop_prob < 1.0:
             raise MQSAM2Error(f"reconstruction.drop_prob {self.drop_prob} must lie in [0, 1)")
         if self.video_loss not in VIDEO_LOSSES:
@@ -111,7 +169,7 @@ class EvaluationConfig:
     with the same observers (one per entry of `baselines`) and this run's model, under each memory policy."""
 
     enabled: bool = True
-    memory: list[str] = field(default_factory=lambda: ["fifo", "sis"])
+    memory: list[Literal["fifo", "sis", "mutual-kv"]] = field(default_factory=lambda: ["fifo", "sis"])
     baselines: list[int] = field(default_factory=lambda: [4])
     detections: str | None = None
     images: bool = True
@@ -131,14 +189,103 @@ class LoggingConfig:
 class FitConfig:
     """The whole pipeline: model -> data -> importance -> allocation -> quantize -> reconstruct -> eval -> export."""
 
-    name: str = "demo"
-    run_root: str = "runs"
+    name: str = field(default="demo", metadata=RUNTIME)
+    run_root: str = field(default="runs", metadata=RUNTIME)
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    export: bool = True
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig, metadata=RUNTIME)
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=RUNTIME)
+    export: bool = field(default=True, metadata=RUNTIME)
+
+    def __post_init__(self) -> None:
+        if not self.name or Path(self.name).name != self.name or self.name in (".", ".."):
+            raise MQSAM2Error(f"name {self.name!r} must be a plain directory name (no '/'): runs/<name>/")
+
+
+def config_dict(config: FitConfig) -> dict:
+    """The config as plain YAML-able data (what config.yaml holds)."""
+    payload = dataclasses.asdict(config)
+    payload["quant"]["keep_fp"] = list(payload["quant"]["keep_fp"])
+    return payload
+
+
+def resume_identity(config) -> dict:
+    """The fields of a config dataclass (recursively) that define a run's artifacts: all but `runtime` ones."""
+    identity = {}
+    for f in dataclasses.fields(config):
+        if not f.metadata.get("runtime"):
+            value = getattr(config, f.name)
+            identity[f.name] = resume_identity(value) if dataclasses.is_dataclass(value) else value
+    return identity
+
+
+def parser(prog: str = "python -m mqsam2.fit", description: str | None = None) -> ArgumentParser:
+    """FitConfig's command line: every field as --section.key, plus --config files (YAML)."""
+    cli = ArgumentParser(prog=prog, description=description, default_env=False, exit_on_error=False)
+    cli.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
+    cli.add_class_arguments(FitConfig, as_group=False)
+    return cli
+
+
+def parse_config(argv: list[str] | None = None, prog: str = "python -m mqsam2.fit") -> FitConfig:
+    """A validated FitConfig from command-line arguments; any problem is one MQSAM2Error line."""
+    argv = list(argv) if argv is not None else None
+    for path in _config_files(argv or []):
+        check_yaml(path)
+    cli = parser(prog)
+    try:
+        values = cli.instantiate(cli.parse_args(argv))
+    except _ArgumentError as error:
+        raise MQSAM2Error(f"{one_line_parser_error(str(error))} (see {prog} --help)") from None
+    return FitConfig(**{k: v for k, v in vars(values).items() if k in FitConfig.__dataclass_fields__})
+
+
+def load_config(path: str | Path) -> FitConfig:
+    """The FitConfig of a YAML file (e.g. a run directory's config.yaml)."""
+    return parse_config(["--config", str(path)])
+
+
+def _config_files(argv: list[str]) -> list[str]:
+    files = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+    return files + [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+
+
+def check_yaml(path: str | Path) -> None:
+    """A config file that is missing or not valid YAML is refused naming the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise MQSAM2Error(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark, context = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if context is not None and getattr(exc, "context", None):
+            problem = f"{exc.context} from line {context.line + 1}: {problem}"
+        raise MQSAM2Error(f"{where}: invalid YAML ({problem}); fix the file") from None
+
+
+def one_line_parser_error(message: str) -> str:
+    """jsonargparse's multi-line messages as one line: the key, the value and what it should be."""
+    key = re.match(r'Parser key "([^"]+)":', message)
+    expected = re.findall(r"Expected a (?:typing\.)?(.+?)(?:\. Got value: (.*))?$", message, re.MULTILINE)
+    given = re.search(r"(?:Got value|Given value): (.*)$", message, re.MULTILINE)
+    if key and expected and given:
+        choices = [_describe_type(kind) for kind, _ in expected]
+        return f"{key.group(1)}: {given.group(1).strip()!r} is not {' or '.join(choices)}"
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def _describe_type(kind: str) -> str:
+    literal = re.fullmatch(r"Literal\[(.*)\]", kind.strip())
+    if literal:
+        return f"one of {', '.join(v.strip().strip(chr(39)) for v in literal.group(1).split(','))}"
+    simple = re.fullmatch(r"<class '(\w+)'>", kind.strip())
+    return f"a{'n' if simple and simple.group(1)[0] in 'aeiou' else ''} {simple.group(1)}" if simple else kind

@@ -2,6 +2,8 @@
 
 Runs the whole Mix-QSAM2 pipeline into runs/<name>/ and resumes it when restarted. Several GPUs on one node
 are used through torchrun (started automatically); under srun or torchrun the launcher's processes are used.
+The config, the checkpoint, the unit names and the data are checked before anything is written to the run
+directory; failures are one line and an exit status (`mqsam2.cli`: 2 bad input, 130/143 stopped, resumable).
 """
 
 from __future__ import annotations
@@ -11,30 +13,18 @@ import os
 import sys
 import time
 import uuid
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from jsonargparse import ActionConfigFile, ArgumentParser
-
-from mqsam2.config import FitConfig
+from mqsam2.cli import run_command
+from mqsam2.config import FitConfig, parse_config
 from mqsam2.distributed import launched_externally, rank_and_world, relaunch_with_torchrun, requested_devices
-from mqsam2.errors import MQSAM2Error
+from mqsam2.files import write_text
 from mqsam2.slurm import install_requeue_handler
 
+if TYPE_CHECKING:
+    from mqsam2.rundir import RunDir
+
 log = logging.getLogger("mqsam2")
-
-
-def parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m mqsam2.fit", description=__doc__, default_env=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
-    parser.add_class_arguments(FitConfig, as_group=False)
-    return parser
-
-
-def parse_config(argv: list[str] | None = None) -> FitConfig:
-    cli = parser()
-    namespace = cli.parse_args(argv)
-    values = cli.instantiate(namespace)
-    return FitConfig(**{k: v for k, v in vars(values).items() if k in FitConfig.__dataclass_fields__})
 
 
 def setup_logging() -> None:
@@ -51,23 +41,23 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def wandb_logger(config: FitConfig, run_dir: Path):
+def wandb_logger(config: FitConfig, run: RunDir):
     """One W&B run per run directory (its id is kept there, so restarts and requeues continue it); offline
     unless an API key is configured. Rank 0 alone logs, so only it needs the run (and the id file)."""
     if not config.logging.wandb or os.environ.get("WANDB_MODE") == "disabled" or rank_and_world()[0] != 0:
         return None
     from lightning.pytorch.loggers import WandbLogger
 
-    id_file = run_dir / "wandb_id.txt"
+    id_file = run.wandb_id
     if not id_file.exists():
-        id_file.write_text(uuid.uuid4().hex[:12])
+        write_text(id_file, uuid.uuid4().hex[:12])
     online = bool(os.environ.get("WANDB_API_KEY")) or os.environ.get("WANDB_MODE") == "online"
     return WandbLogger(
         project=config.logging.project,
         entity=config.logging.entity,
         name=config.name,
         id=id_file.read_text().strip(),
-        save_dir=str(run_dir),
+        save_dir=str(run.path),
         offline=not online,
         resume="allow",
     )
@@ -77,11 +67,12 @@ def run(config: FitConfig) -> dict:
     from mqsam2 import pipeline
 
     start = time.perf_counter()
-    run_dir = pipeline.prepare_run_dir(config)
+    float_model = pipeline.load_float_model(config)
+    pipeline.check_units(float_model, config)
+    data = pipeline.load_data(config, float_model.image_size)
+    run_dir = pipeline.prepare_run_dir(config)  # nothing is written before this point
     wandb = wandb_logger(config, run_dir)
     loggers = [wandb] if wandb else []
-    float_model = pipeline.load_float_model(config)
-    data = pipeline.load_data(config, float_model.image_size)
     importance = pipeline.stage_importance(float_model, config, data.calibration, run_dir)
     plan = pipeline.stage_allocation(importance, config, run_dir, loggers)
     model = pipeline.stage_quantize(float_model, plan, config, data.calibration, run_dir)
@@ -91,24 +82,25 @@ def run(config: FitConfig) -> dict:
     if config.export:
         report["export"] = pipeline.stage_export(model, config, run_dir)
     report["seconds"] = round(time.perf_counter() - start, 1)
-    log.info("done in %.1f s: %s", report["seconds"], run_dir)
+    log.info("done in %.1f s: %s", report["seconds"], run_dir.path)
     return report
 
 
+def _fit(argv: list[str] | None) -> None:
+    config = parse_config(argv)
+    recon = config.reconstruction
+    nprocs = requested_devices(recon.accelerator, recon.devices)
+    if nprocs > 1 and not launched_externally():
+        relaunch_with_torchrun(nprocs, "mqsam2.fit")
+    setup_logging()
+    install_requeue_handler()
+    run(config)
+
+
 def main(argv: list[str] | None = None) -> int:
-    try:
-        config = parse_config(argv)
-        recon = config.reconstruction
-        nprocs = requested_devices(recon.accelerator, recon.devices)
-        if nprocs > 1 and not launched_externally():
-            relaunch_with_torchrun(nprocs, "mqsam2.fit")
-        setup_logging()
-        install_requeue_handler()
-        run(config)
-    except MQSAM2Error as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(
+        lambda: _fit(argv), on_stop="the run is unfinished; rerun the same command to resume it"
+    )
 
 
 if __name__ == "__main__":

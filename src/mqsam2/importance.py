@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mqsam2.errors import MQSAM2Error
+from mqsam2.files import write_text
 
 log = logging.getLogger(__name__)
 
@@ -222,9 +223,9 @@ class ImportanceCollector:
 
 def write_importance(importance: Mapping[str, LayerImportance], path: str | Path) -> Path:
     """Write `{name: {"score", "num_params"}}` as JSON (the run directory's importance.json)."""
-    path = Path(path)
-    path.write_text(json.dumps({name: imp._asdict() for name, imp in importance.items()}, indent=1) + "\n")
-    return path
+    return write_text(
+        path, json.dumps({name: imp._asdict() for name, imp in importance.items()}, indent=1) + "\n"
+    )
 
 
 def read_importance(path: str | Path) -> dict[str, LayerImportance]:

@@ -16,6 +16,7 @@ from sam2.sam2_image_predictor import SAM2ImagePredictor
 from torch import Tensor
 
 from mqsam2.errors import MQSAM2Error
+from mqsam2.files import load_torch
 from mqsam2.memory.policies import policy_target
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,13 @@ def config_name(size: str, version: str = "2.1") -> str:
     return f"configs/{prefix}/{prefix}_hiera_{canonical_size(size)}.yaml"
 
 
+def check_image_size(image_size: int) -> int:
+    """SAM2's input size: a multiple of 32 (its feature strides) of at least 64."""
+    if image_size % 32 or image_size < 64:
+        raise MQSAM2Error(f"image_size {image_size} must be a multiple of 32 and at least 64")
+    return image_size
+
+
 def _cuda_postprocessing_available() -> bool:
     try:
         from sam2 import _C  # noqa: F401
@@ -70,9 +78,7 @@ def hydra_overrides(
         "++model.compile_image_encoder=false",
     ]
     if image_size is not None:
-        if image_size % 32 or image_size < 64:
-            raise MQSAM2Error(f"image_size {image_size} must be a multiple of 32 and at least 64")
-        feat = image_size // 16
+        feat = check_image_size(image_size) // 16
         overrides += [
             f"++model.image_size={image_size}",
             f"++model.memory_attention.layer.self_attention.feat_sizes=[{feat},{feat}]",
@@ -123,13 +129,7 @@ def matching_configs(state_dict: dict[str, torch.Tensor]) -> list[str]:
 
 def load_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
     """Read Meta's checkpoint format `{"model": state_dict}` with clear errors for the usual mistakes."""
-    path = Path(path)
-    if not path.is_file():
-        raise MQSAM2Error(f"checkpoint not found: {path} (download it from Meta's SAM2 release page)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise MQSAM2Error(f"cannot read checkpoint {path}: {exc.__class__.__name__}: {exc}") from None
+    payload = load_torch(path, "SAM2 checkpoint", "download it again from Meta's SAM2 release page")
     if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
         raise MQSAM2Error(f"{path} is not a SAM2 checkpoint: expected Meta's format {{'model': state_dict}}")
     return payload["model"]

@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from mqsam2.data.loaders import IMAGENET_MEAN, IMAGENET_STD
+from mqsam2.files import atomic_output
 
 
 def to_rgb(frame: Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -39,7 +40,6 @@ def save_overlay(
 ) -> Path:
     """A grid PNG: one row per mask source (bool [O, T, H, W]), one column per chosen frame."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     size = next(iter(rows.values())).shape[-2:]
     fig = Figure(figsize=(3 * len(frame_ids), 2.4 * len(rows) + 0.4), layout="constrained")
     axes = fig.subplots(len(rows), len(frame_ids), squeeze=False)
@@ -54,5 +54,6 @@ def save_overlay(
             if r == 0:
                 ax.set_title(f"frame {t}", fontsize=9)
     fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=80)
+    with atomic_output(path) as stream:
+        fig.savefig(stream, dpi=80, format="png")
     return path

@@ -1,8 +1,6 @@
-"""The fit pipeline's stages, in order; each reads its inputs, writes one artifact into the run directory and
-is skipped when that artifact exists, so a restarted run continues where it stopped.
-
-runs/<name>/: config.yaml, importance.json, plan.json, allocation.png, calibrated.pt, units/, units.jsonl,
-metrics.json, overlays/, export/
+"""The fit pipeline's stages, in order; each reads its inputs, writes one artifact into the run directory
+(`mqsam2.rundir.RunDir` names them) and is skipped when that artifact exists, so a restarted run continues where
+it stopped. Nothing is written before the config, the model and the data have been checked.
 """
 
 from __future__ import annotations
@@ -11,96 +9,58 @@ import copy
 import dataclasses
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import lightning as L
 import torch
-import yaml
 from lightning.pytorch.loggers import CSVLogger, Logger
 from torch.utils.data import DataLoader
 
 from mqsam2.allocation import allocate, plot_allocation, read_plan, write_plan
 from mqsam2.callbacks import EvaluationCallback
 from mqsam2.config import FitConfig
-from mqsam2.data import calibration_set, ensure_synth
+from mqsam2.data import calibration_set, ensure_synth, validation_set
 from mqsam2.distributed import local_rank, rank_and_world, trainer_layout
 from mqsam2.errors import MQSAM2Error
 from mqsam2.evaluate import evaluate_video_grid
 from mqsam2.export import export_model
-from mqsam2.export.card import bytes_table, card_paths, run_details
-from mqsam2.export.run import run_export_path, run_fp_bytes
+from mqsam2.export.card import bytes_table, card_paths, run_details, run_fp_bytes
+from mqsam2.files import save_torch, write_text
 from mqsam2.importance import ImportanceCollector, read_importance, write_importance
-from mqsam2.metrics.coco import mask_map
+from mqsam2.metrics.coco import MaskMAP, mask_map
 from mqsam2.models import build_sam2
 from mqsam2.quant import calibration, quantizable_layers, quantize
 from mqsam2.reconstruct.driver import Reconstructor
+from mqsam2.reconstruct.units import unit_names
+from mqsam2.rundir import RunDir
 from mqsam2.wandb_images import log_images
 from mqsam2.workload import Workload
 
 log = logging.getLogger("mqsam2")
 
-# Sections whose change would make finished artifacts of a run directory wrong.
-RESULT_DEFINING = ("seed", "model", "data", "quant", "allocation", "reconstruction")
-RECONSTRUCTION_RUNTIME_KEYS = (
-    "accelerator",
-    "devices",
-    "strategy",
-    "checkpoint_every",
-    "check_finite_every",
-    "cache_device",
-    "compile",
-)
+
+def prepare_run_dir(config: FitConfig) -> RunDir:
+    """The run's directory, claimed for this config (config.yaml written by rank 0): call it once everything
+    that can be checked without running a stage has been (`load_float_model`, `check_units`, `load_data`)."""
+    run = RunDir.of(config)
+    run.claim(config, rank_and_world()[0])
+    return run
 
 
-def _identity(config: dict) -> dict:
-    identity = {key: config[key] for key in RESULT_DEFINING}
-    identity["reconstruction"] = {
-        k: v for k, v in identity["reconstruction"].items() if k not in RECONSTRUCTION_RUNTIME_KEYS
-    }
-    return identity
-
-
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [
-            d
-            for key in sorted(old.keys() | new.keys())
-            for d in _differences(old.get(key), new.get(key), f"{prefix}{key}.")
-        ]
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def config_dict(config: FitConfig) -> dict:
-    payload = dataclasses.asdict(config)
-    payload["quant"]["keep_fp"] = list(payload["quant"]["keep_fp"])
-    return payload
-
-
-def prepare_run_dir(config: FitConfig) -> Path:
-    """Create runs/<name>/ or reuse it; a directory made with a different result-defining config is refused."""
-    run_dir = Path(config.run_root) / config.name
-    current = config_dict(config)
-    saved_path = run_dir / "config.yaml"
-    if saved_path.exists():
-        saved = yaml.safe_load(saved_path.read_text())
-        changed = _differences(_identity(saved), _identity(current))
-        if changed:
-            raise MQSAM2Error(
-                f"run directory {run_dir} was made with another config ({'; '.join(changed[:3])}): "
-                "choose another --name, or delete the directory to start over"
-            )
-        log.info("resuming run %s", run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if rank_and_world()[0] == 0:
-        _write_atomic(saved_path, yaml.safe_dump(current, sort_keys=False))
-    return run_dir
+def check_units(float_model: torch.nn.Module, config: FitConfig) -> None:
+    """`reconstruction.units` must name units of this model and mode (listed when one does not)."""
+    cfg = config.reconstruction
+    if cfg.units is None:
+        return
+    known = unit_names(float_model, cfg.mode, config.quant.keep_fp)
+    unknown = [name for name in cfg.units if name not in known]
+    if unknown:
+        shown = ", ".join(known[:40]) + (f", ... ({len(known)} in all)" if len(known) > 40 else "")
+        raise MQSAM2Error(
+            f"reconstruction.units names no unit {', '.join(unknown)} of SAM2 {config.model.size} in mode "
+            f"{cfg.mode}; its units are: {shown or 'none'}"
+        )
 
 
 def load_float_model(config: FitConfig) -> torch.nn.Module:
@@ -126,13 +86,14 @@ def load_float_model(config: FitConfig) -> torch.nn.Module:
 @dataclass
 class Datasets:
     calibration: Workload
-    val_videos: list
-    val_images: list
+    val_videos: Sequence  # lazy: each clip is read from its shard when evaluated
+    val_images: Sequence
 
 
 def load_data(config: FitConfig, image_size: int) -> Datasets:
     """Calibration (and, when evaluation runs, validation) sets from the configured shards, or from synthetic
-    shards made on demand."""
+    shards made on demand. The validation set is only selected here (shard and key of each item); its clips
+    and images are decoded one at a time when evaluated."""
     data = config.data
     video_shards, image_shards = data.video_shards, data.image_shards
     evaluate = config.evaluation.enabled
@@ -167,7 +128,7 @@ def load_data(config: FitConfig, image_size: int) -> Datasets:
         data.seed,
     )
     val = (
-        calibration_set(
+        validation_set(
             val_videos, val_images, data.val_videos, data.val_frames, data.val_images, image_size, data.seed
         )
         if val_videos or val_images
@@ -188,9 +149,9 @@ def load_data(config: FitConfig, image_size: int) -> Datasets:
     )
 
 
-def stage_importance(model: torch.nn.Module, config: FitConfig, workload: Workload, run_dir: Path) -> dict:
+def stage_importance(model: torch.nn.Module, config: FitConfig, workload: Workload, run: RunDir) -> dict:
     """Eq. 2-4 on every layer that will be quantized, streamed over the calibration set."""
-    path = run_dir / "importance.json"
+    path = run.importance
     if path.exists():
         log.info("importance: reusing %s", path)
         return read_importance(path)
@@ -205,10 +166,10 @@ def stage_importance(model: torch.nn.Module, config: FitConfig, workload: Worklo
 
 
 def stage_allocation(
-    importance: dict, config: FitConfig, run_dir: Path, loggers: list[Logger] = ()
+    importance: dict, config: FitConfig, run: RunDir, loggers: list[Logger] = ()
 ) -> dict[str, int]:
     """Eq. 6 as configured; writes plan.json and the Figure-3-style allocation.png."""
-    path = run_dir / "plan.json"
+    path = run.plan
     if path.exists():
         log.info("allocation: reusing %s", path)
         return read_plan(path)
@@ -221,11 +182,11 @@ def stage_allocation(
             list(allocation.names),
             list(allocation.bits),
             [importance[n].score for n in allocation.names],
-            run_dir / "allocation.png",
+            run.allocation_figure,
             title=f"{config.name}: {cfg.method}, target {cfg.target_avg} bits",
         )
         write_plan(allocation, path)
-        log_images(loggers, "allocation", [run_dir / "allocation.png"])
+        log_images(loggers, "allocation", [run.allocation_figure])
     log.info(
         "allocation: %s -> %.3f average bits (objective %.4g, %.2f s), layers per width %s",
         cfg.method,
@@ -238,23 +199,21 @@ def stage_allocation(
 
 
 def stage_quantize(
-    float_model: torch.nn.Module, plan: dict[str, int], config: FitConfig, workload: Workload, run_dir: Path
+    float_model: torch.nn.Module, plan: dict[str, int], config: FitConfig, workload: Workload, run: RunDir
 ) -> torch.nn.Module:
     """Swap in quantized modules with the plan's widths, then initialise every quantizer with the observers."""
     model = copy.deepcopy(float_model)
     quant_config = dataclasses.replace(config.quant, plan=plan)
     quantize(model, quant_config)
-    path = run_dir / "calibrated.pt"
+    path = run.calibrated
     if path.exists():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        model.load_state_dict(run.load_state(path))
         log.info("quantize: reusing calibrated quantizers from %s", path)
         return model
     with calibration(model, quant_config):
         workload.run_full(model)
     if rank_and_world()[0] == 0:
-        tmp = path.with_suffix(".tmp")
-        torch.save(model.state_dict(), tmp)
-        tmp.replace(path)
+        save_torch(model.state_dict(), path)
     log.info(
         "quantize: %d layers, weights %s / activations %s observers -> %s",
         len(plan),
@@ -270,7 +229,7 @@ def stage_reconstruct(
     float_model: torch.nn.Module,
     config: FitConfig,
     workload: Workload,
-    run_dir: Path,
+    run: RunDir,
     loggers: list[Logger],
 ) -> None:
     if config.reconstruction.mode == "none":
@@ -281,7 +240,7 @@ def stage_reconstruct(
         float_model,
         workload,
         config.reconstruction,
-        run_dir,
+        run,
         loggers,
         seed=config.seed,
         only=config.reconstruction.units,
@@ -290,11 +249,8 @@ def stage_reconstruct(
     reconstructor.run()
 
 
-def summary(run_dir: Path) -> dict:
-    units = []
-    if (run_dir / "units.jsonl").exists():
-        units = [json.loads(line) for line in (run_dir / "units.jsonl").read_text().splitlines() if line]
-    return {"run_dir": str(run_dir), "units": units}
+def summary(run: RunDir) -> dict:
+    return {"run_dir": str(run.path), "units": run.unit_records()}
 
 
 class EvaluationModule(L.LightningModule):
@@ -326,7 +282,7 @@ def stage_evaluate(
     float_model: torch.nn.Module,
     config: FitConfig,
     data: Datasets,
-    run_dir: Path,
+    run: RunDir,
     loggers: list[Logger],
 ) -> dict:
     """Lightning validation loop with the EvaluationCallback (SIS active), then the comparison table."""
@@ -346,35 +302,43 @@ def stage_evaluate(
     trainer = L.Trainer(
         accelerator=config.reconstruction.accelerator,
         **trainer_layout(config.reconstruction.strategy),
-        logger=[CSVLogger(run_dir, name="eval", version=""), *loggers],
+        logger=[CSVLogger(run.path, name=run.eval_dir.name, version=""), *loggers],
         callbacks=[callback],
         enable_model_summary=False,
         enable_progress_bar=False,
     )
+    device = next(model.parameters()).device
     trainer.validate(EvaluationModule(model, float_model), DataLoader([0]), verbose=False)
+    for evaluated in (model, float_model):  # Lightning's teardown left them on the CPU
+        evaluated.to(device)
     validation = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if rank_and_world()[0] != 0:  # the comparison table is a report: one rank builds it
-        return {"validation": validation}
+    # The comparison table: every rank scores its share of the clips and images, the metrics sum over ranks.
+    rank, world = rank_and_world()
     models = {"FP": float_model}
     for bits in cfg.baselines:
         models[f"W{bits}A{bits} ({config.quant.act_observer})"] = uniform_baseline(
             float_model, bits, config, data.calibration
         )
     models[config.name] = model
+    clips, image_share = data.val_videos[rank::world], images[rank::world]
     rows = (
-        evaluate_video_grid(models, data.val_videos, float_model, cfg.memory, config.data.prompt)
+        evaluate_video_grid(models, clips, float_model, cfg.memory, config.data.prompt, device)
         if data.val_videos
         else []
     )
     if images:
         for name, candidate in models.items():
-            stats = mask_map(candidate, images, cfg.detections)
-            fidelity = mask_map(candidate, images, cfg.detections, reference=float_model)
+            stats = mask_map(candidate, image_share, cfg.detections, metric=MaskMAP().to(device))
+            fidelity = mask_map(
+                candidate, image_share, cfg.detections, reference=float_model, metric=MaskMAP().to(device)
+            )
             for row in rows:
                 if row["model"] == name:
                     row |= {"mAP": stats["mAP"], "fidelity/mAP": fidelity["mAP"]}
     results = {"validation": validation, "table": rows}
-    _write_atomic(run_dir / "metrics.json", json.dumps(results, indent=1) + "\n")
+    if rank != 0:
+        return {"validation": validation}
+    write_text(run.metrics, json.dumps(results, indent=1) + "\n")
     caveat = (
         "" if config.model.checkpoint else "; random-init weights: only the 'vs FP' columns mean something"
     )
@@ -382,17 +346,17 @@ def stage_evaluate(
     return results
 
 
-def stage_export(model: torch.nn.Module, config: FitConfig, run_dir: Path) -> dict:
+def stage_export(model: torch.nn.Module, config: FitConfig, run: RunDir) -> dict:
     """The deployable packed export and its model card in export/ (docs/export.md); rank 0 writes it. Its
     card is written last, so a run stopped halfway through the export writes it again."""
-    path = run_export_path(run_dir)
+    path = run.export
     card_json = card_paths(path)[1]
     if card_json.exists():
         log.info("export: reusing %s", path)
         return json.loads(card_json.read_text())["bytes"]
     if rank_and_world()[0] != 0:
         return {}
-    card = export_model(model, path, run_details(config, run_dir), fp_bytes=run_fp_bytes(config))
+    card = export_model(model, path, run_details(config, run), fp_bytes=run_fp_bytes(config))
     log.info("export: %s\n%s", path, bytes_table(card))
     return card["bytes"]
 

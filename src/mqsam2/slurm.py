@@ -1,19 +1,25 @@
 """Slurm preemption: requeue the job when Slurm warns that it is about to stop it.
 
 jobs/reconstruct.slurm asks for `--signal=SIGUSR1@90`: 90 s before the time limit Slurm sends SIGUSR1 to every
-task. Rank 0 answers with `scontrol requeue <job>`; Slurm then stops all tasks and later starts the job again
-under the same id, and the fit resumes from its run directory (finished stages and units are loaded, the
-interrupted unit continues from its newest checkpoint). The handler covers the whole pipeline: Lightning's own
-SLURM handler exists only inside `trainer.fit`, so a warning during data loading, calibration, unit capture or
-evaluation would otherwise end the job without a requeue. Lightning keeps a handler that is already installed.
+task, and the job is requeued; Slurm then stops all tasks and later starts the job again under the same id,
+and the fit resumes from its run directory (finished stages and units are loaded, the interrupted unit
+continues from its newest checkpoint).
+
+Who answers the warning depends on where the job is. Inside a reconstruction fit, Lightning's own SLURM handler
+does: it writes an hpc checkpoint of the unit in progress (so at most the step in flight is lost) and requeues.
+Everywhere else (data loading, calibration, unit capture, evaluation), where Lightning has no handler, rank 0
+of mqsam2's handler runs `scontrol requeue <job>`. Lightning installs its handler only where none is set, so
+`lightning_requeues()` clears ours around each fit and puts it back after.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
@@ -56,3 +62,16 @@ def install_requeue_handler() -> bool:
         return False
     signal.signal(REQUEUE_SIGNAL, _on_warning)
     return True
+
+
+@contextlib.contextmanager
+def lightning_requeues() -> Iterator[None]:
+    """Wrap a `trainer.fit`: inside, SIGUSR1 is Lightning's (hpc checkpoint, then requeue); outside, ours."""
+    ours = signal.getsignal(REQUEUE_SIGNAL) is _on_warning
+    if ours:
+        signal.signal(REQUEUE_SIGNAL, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        if ours:
+            signal.signal(REQUEUE_SIGNAL, _on_warning)

@@ -11,7 +11,15 @@ from PIL import Image
 from sam2.utils.misc import _load_img_as_tensor
 
 from mqsam2.data.format import DataError, ShardWriter, VideoRecord, encode_mask, encode_video, read_shard
-from mqsam2.data.loaders import calibration_set, collate_clips, video_dataset
+from mqsam2.data.loaders import (
+    LazySamples,
+    SampleRef,
+    calibration_set,
+    collate_clips,
+    expand_urls,
+    validation_set,
+    video_dataset,
+)
 
 
 def _jpeg(pixels):
@@ -167,11 +175,73 @@ def test_calibration_set_is_the_same_on_every_rank(synth_set, ranks):
     ]
 
 
+def test_validation_set_decodes_each_item_when_indexed_and_selects_what_calibration_would(synth_set):
+    """A lazy set keeps only shard references; each item read back equals the eagerly decoded one."""
+    eager = calibration_set(synth_set.videos, synth_set.images, 3, 6, 2, image_size=32, seed=5)
+    lazy = validation_set(synth_set.videos, synth_set.images, 3, 6, 2, image_size=32, seed=5)
+    assert all(isinstance(ref, SampleRef) for ref in lazy.videos.refs + lazy.images.refs)
+    assert len(lazy.videos) == 3 and len(lazy.images) == 2
+    for got, want in zip(lazy.videos, eager.videos, strict=True):
+        assert (got.video_id, got.frame_indices) == (want.video_id, want.frame_indices)
+        assert torch.equal(got.frames, want.frames) and torch.equal(got.masks, want.masks)
+    assert [s.image_id for s in lazy.images] == [s.image_id for s in eager.images]
+    share = lazy.videos[1::2]  # a rank's share is lazy too
+    assert isinstance(share, LazySamples) and [c.video_id for c in share] == [eager.videos[1].video_id]
+
+
 def test_calibration_asks_for_more_than_the_shards_hold(synth_set):
-    with pytest.raises(DataError, match=r"asked for 9 videos .*shards hold 8: lower calibration\.videos"):
+    with pytest.raises(DataError, match=r"asked for 9 videos .*shards hold 8: lower data\.calib_videos"):
         calibration_set(synth_set.videos, None, num_videos=9, frames_per_video=12, num_images=0)
-    with pytest.raises(DataError, match=r"asked for 17 images .*shards hold 16: lower calibration\.images"):
+    with pytest.raises(DataError, match=r"asked for 17 images .*shards hold 16: lower data\.calib_images"):
         calibration_set(None, synth_set.images, num_videos=0, num_images=17)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "{folder}",
+        "{folder}/",
+        ["{folder}"],
+        "{folder}/synth-*.tar",
+        ["{folder}/synth-00000[01].tar", "{folder}/synth-00000[23].tar"],
+        "{folder}/synth-{{000000..000003}}.tar",
+        ["{folder}/synth-000000.tar", "{folder}", "{root}/vid*"],
+    ],
+    ids=["folder", "folder/", "[folder]", "glob", "[globs]", "brace", "[file, folder, glob of folders]"],
+)
+def test_shard_sources_of_every_kind_expand_to_the_shards(synth_set, spec):
+    """The truth is the writer's own list of shards (4 in videos/); folders, globs, braces and paths mix."""
+    folder = Path(synth_set.videos[0]).parent
+    fill = {"folder": folder, "root": folder.parent}
+    spec = [s.format(**fill) for s in spec] if isinstance(spec, list) else spec.format(**fill)
+    shards = expand_urls(spec)
+    assert set(shards) == set(synth_set.videos) and all(Path(s).is_file() for s in shards)
+
+
+def test_calibration_reads_a_list_holding_a_folder(synth_set):
+    """The shipped paper configs' form: `video_shards: [data/shards/sav_train]`."""
+    folder = str(Path(synth_set.videos[0]).parent)
+    assert len(calibration_set([folder], None, num_videos=1, frames_per_video=2, num_images=0).videos) == 1
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("empty", r"empty: no \.tar shards in this folder"),
+        ("nothing-*.tar", r"nothing-\*\.tar: no file matches this pattern"),
+        ([], "no shard URLs given"),
+    ],
+)
+def test_a_source_that_names_no_shard_is_an_error_naming_it(tmp_path, spec, message):
+    (tmp_path / "empty").mkdir()
+    spec = str(tmp_path / spec) if isinstance(spec, str) else spec
+    with pytest.raises(DataError, match=message):
+        expand_urls(spec)
+
+
+def test_a_folder_read_as_one_shard_is_named_a_folder_not_a_corrupt_tar(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path}: a folder, not a shard"):
+        list(read_shard(str(tmp_path)))
 
 
 def test_corrupt_shard_stops_the_loader_or_is_skipped(synth_set, tmp_path, caplog):

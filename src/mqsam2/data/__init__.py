@@ -10,12 +10,15 @@ from mqsam2.data.loaders import (
     ClipBatch,
     ImageBatch,
     ImageSample,
+    LazySamples,
+    SampleRef,
     VideoClip,
     calibration_set,
     collate_clips,
     collate_images,
     expand_urls,
     image_dataset,
+    validation_set,
     video_dataset,
 )
 from mqsam2.data.sav import convert_sav
@@ -29,6 +32,8 @@ __all__ = [
     "ImageBatch",
     "ImageRecord",
     "ImageSample",
+    "LazySamples",
+    "SampleRef",
     "ShardWriter",
     "SynthShards",
     "VideoClip",
@@ -45,6 +50,7 @@ __all__ = [
     "read_shard",
     "render_clip",
     "render_image",
+    "validation_set",
     "video_dataset",
     "write_synth",
 ]

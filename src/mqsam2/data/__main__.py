@@ -13,10 +13,10 @@ import os
 import sys
 from collections.abc import Sequence
 
+from mqsam2.cli import OneLineArgumentParser, run_command
 from mqsam2.data.build import BuildReport
 from mqsam2.data.coco import convert_coco
 from mqsam2.data.davis import convert_davis
-from mqsam2.data.format import DataError
 from mqsam2.data.sav import convert_sav
 from mqsam2.data.synth import write_synth
 
@@ -124,7 +124,7 @@ def _coco(args: argparse.Namespace) -> list[BuildReport]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mqsam2.data", description=__doc__.split("\n")[0])
+    parser = OneLineArgumentParser(prog="python -m mqsam2.data", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     synth = commands.add_parser("synth", help="synthetic SA-V-like clips and COCO-like images")
@@ -170,17 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _build(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for report in args.run(args):
+        print(report.summary())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        reports = args.run(args)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for report in reports:
-        print(report.summary())
-    return 0
+    return run_command(
+        lambda: _build(args), on_stop="finished shards are kept; run the same command again to finish"
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from typing import Any
 from tqdm import tqdm
 
 from mqsam2.data.format import DataError, Sample, ShardWriter
+from mqsam2.files import write_text
 
 log = logging.getLogger("mqsam2.data")
 
@@ -92,7 +93,7 @@ def claim_output(out_dir: Path, settings: dict[str, Any]) -> None:
                 "use another --out or delete the directory"
             )
     else:
-        path.write_text(json.dumps(settings, indent=1) + "\n")
+        write_text(path, json.dumps(settings, indent=1) + "\n")
 
 
 def _run_task(task: ShardTask, skip_bad: bool) -> ShardResult:

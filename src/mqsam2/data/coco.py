@@ -91,6 +91,8 @@ def convert_coco(
     images_dir, annotations_file, out = Path(images_dir), Path(annotations_file), Path(out_dir)
     if not images_dir.is_dir():
         raise DataError(f"{images_dir}: no such images folder")
+    if not annotations_file.is_file():
+        raise DataError(f"{annotations_file}: no such annotations file; give the instances_*.json path")
     try:
         data = json.loads(annotations_file.read_text())
         images, anns, cats = data["images"], data["annotations"], data["categories"]

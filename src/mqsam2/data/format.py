@@ -23,6 +23,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from mqsam2.errors import MQSAM2Error
+from mqsam2.files import atomic_output
 
 SCHEMA_VERSION = 1
 META_FIELD = "json"
@@ -274,29 +275,25 @@ def decode_image(sample: Sample) -> ImageRecord:
 
 
 class ShardWriter:
-    """Writes one shard to `<name>.tar.tmp` and renames it when complete: a finished name is a whole shard."""
+    """Writes one shard through `mqsam2.files.atomic_output`: a finished name is a whole shard."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self._output = atomic_output(self.path)
         self._tar: wds.TarWriter | None = None
 
     def __enter__(self) -> ShardWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tar = wds.TarWriter(str(self.tmp), encoder=False, mtime=0)
+        self._tar = wds.TarWriter(self._output.__enter__(), encoder=False, mtime=0)
         return self
 
     def write(self, sample: Sample) -> None:
         assert self._tar is not None, "use ShardWriter as a context manager"
         self._tar.write(sample)
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type, exc, tb) -> bool | None:
         assert self._tar is not None
         self._tar.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+        return self._output.__exit__(exc_type, exc, tb)
 
 
 class _TailStream:
@@ -331,8 +328,13 @@ def read_shard(url: str) -> Iterator[Sample]:
             raise DataError(f"{url}: truncated shard (no end-of-archive marker); {FIX_SHARD}")
     except FileNotFoundError:
         raise DataError(f"{url}: no such shard; check the path or brace pattern") from None
+    except IsADirectoryError:
+        raise DataError(
+            f"{url}: a folder, not a shard; give it to expand_urls (or the config) to read its .tar files"
+        ) from None
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-        reason = str(exc.args[0]).split(" @ ")[0] if exc.args else type(exc).__name__
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else None
+        reason = reason or (str(exc.args[0]).split(" @ ")[0] if exc.args else type(exc).__name__)
         raise DataError(f"{url}: corrupt or truncated shard ({reason}); {FIX_SHARD}") from None
     finally:
         if stream is not None:

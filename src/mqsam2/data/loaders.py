@@ -6,6 +6,7 @@ Frames are prepared exactly as sam2's own video loader does (RGB, resized to SxS
 
 from __future__ import annotations
 
+import glob
 import io
 import logging
 import random
@@ -102,22 +103,44 @@ class ImageBatch:
 
 @dataclass
 class CalibrationSet:
-    videos: list[VideoClip]
-    images: list[ImageSample]
+    videos: Sequence[VideoClip]  # a list, or a LazySamples that decodes on access
+    images: Sequence[ImageSample]
 
 
 def expand_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
-    """Shard URLs from a brace pattern (data/x-{000000..000007}.tar), a folder of .tar files, or a list."""
-    if isinstance(urls, (str, Path)) and Path(urls).is_dir():
-        found = sorted(str(p) for p in Path(urls).glob("*.tar"))
-        if not found:
-            raise DataError(f"{urls}: no .tar shards in this folder")
-        return found
+    """Shard URLs from any mix of folders of .tar files, globs (data/sav-*.tar), brace patterns
+    (data/x-{000000..000007}.tar) and plain paths or URLs, alone or in a list; a folder or pattern that
+    matches no shard is an error naming it."""
     items = [urls] if isinstance(urls, (str, Path)) else list(urls)
-    expanded = [url for item in items for url in wds.shardlists.expand_urls(str(item))]
+    expanded = [
+        shard
+        for item in items
+        for url in wds.shardlists.expand_urls(str(item))  # brace patterns (and "::"-joined lists)
+        for shard in _expand_local(url)
+    ]
     if not expanded:
         raise DataError("no shard URLs given")
     return expanded
+
+
+def _expand_local(url: str) -> list[str]:
+    """A local folder becomes its .tar files and a glob its matches (folders among them expanded too);
+    anything else (a file, a remote URL, a `pipe:` command) is a shard URL as it is."""
+    if "://" in url or url.startswith("pipe:"):
+        return [url]
+    if Path(url).is_dir():
+        found = sorted(str(p) for p in Path(url).glob("*.tar"))
+        if not found:
+            raise DataError(
+                f"{url}: no .tar shards in this folder; point data.*_shards at the shards' folder"
+            )
+        return found
+    if glob.has_magic(url):
+        matches = sorted(glob.glob(url, recursive=True))
+        if not matches:
+            raise DataError(f"{url}: no file matches this pattern; check the path")
+        return [shard for match in matches for shard in _expand_local(match)]
+    return [url]
 
 
 def normalise(rgb: np.ndarray, out: Tensor | None = None) -> Tensor:
@@ -396,11 +419,64 @@ def collate_images(samples: Sequence[ImageSample]) -> ImageBatch:
 
 
 def _draw(urls: str | Path | Sequence[str | Path] | None, rng: random.Random) -> Iterator[Sample]:
-    """Samples in an order fixed by the generator alone: shards shuffled, then samples within each shard."""
+    """Samples in an order fixed by the generator alone: shards shuffled, then samples within each shard.
+    One shard's samples are held at a time."""
     shards = sorted(expand_urls(urls)) if urls else []
     for url in rng.sample(shards, len(shards)):
         samples = list(read_shard(url))
         yield from rng.sample(samples, len(samples))
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """Where one selected sample lives (shard and key) and, for a video, which frames: what a lazy set keeps
+    instead of decoded tensors."""
+
+    url: str
+    key: str
+    positions: range | None = None
+
+
+def _select_videos(
+    urls, num_videos: int, frames_per_video: int, seed: int, role: str
+) -> Iterator[tuple[VideoRecord, range, Sample]]:
+    """`num_videos` distinct videos of at least `frames_per_video` frames, each with its window, one at a time;
+    a shortfall is a DataError naming the `data.<role>_*` keys to change."""
+    if num_videos <= 0:
+        return
+    rng = random.Random(f"calibration/videos/{seed}")
+    seen = set()
+    for sample in _draw(urls, rng):
+        record = decode_video(sample)
+        if record.video_id in seen or len(record.frame_indices) < frames_per_video:
+            continue
+        seen.add(record.video_id)
+        yield record, clip_window(record, frames_per_video, rng), sample
+        if len(seen) == num_videos:
+            return
+    raise DataError(
+        f"asked for {num_videos} videos (of at least {frames_per_video} frames), shards hold "
+        f"{len(seen)}: lower data.{role}_videos or data.{role}_frames, or add shards"
+    )
+
+
+def _select_images(urls, num_images: int, seed: int, role: str) -> Iterator[tuple[ImageRecord, Sample]]:
+    """`num_images` images with at least one object, one at a time; a shortfall is a DataError."""
+    if num_images <= 0:
+        return
+    rng = random.Random(f"calibration/images/{seed}")
+    found = 0
+    for sample in _draw(urls, rng):
+        record = decode_image(sample)
+        if any(not a.get("iscrowd", 0) for a in record.annotations):
+            found += 1
+            yield record, sample
+            if found == num_images:
+                return
+    raise DataError(
+        f"asked for {num_images} images (with objects), shards hold {found}: "
+        f"lower data.{role}_images or add shards"
+    )
 
 
 def calibration_set(
@@ -413,40 +489,72 @@ def calibration_set(
     seed: int = 0,
 ) -> CalibrationSet:
     """`num_videos` distinct videos x `frames_per_video` consecutive frames and `num_images` images with at
-    least one object. It reads the shards itself (no rank split), so every rank gets the same set whatever
-    the world size, and the same seed gives the same set."""
-    videos: list[tuple[VideoRecord, range, str]] = []  # counted before decoding, so a shortfall fails fast
-    if num_videos > 0:
-        rng = random.Random(f"calibration/videos/{seed}")
-        seen = set()
-        for sample in _draw(video_urls, rng):
-            record = decode_video(sample)
-            if record.video_id in seen or len(record.frame_indices) < frames_per_video:
-                continue
-            seen.add(record.video_id)
-            videos.append((record, clip_window(record, frames_per_video, rng), describe(sample)))
-            if len(videos) == num_videos:
-                break
-        if len(videos) < num_videos:
-            raise DataError(
-                f"asked for {num_videos} videos (of at least {frames_per_video} frames), shards hold "
-                f"{len(videos)}: lower calibration.videos or calibration.frames, or add shards"
-            )
-    images: list[tuple[ImageRecord, str]] = []
-    if num_images > 0:
-        rng = random.Random(f"calibration/images/{seed}")
-        for sample in _draw(image_urls, rng):
-            record = decode_image(sample)
-            if any(not a.get("iscrowd", 0) for a in record.annotations):
-                images.append((record, describe(sample)))
-            if len(images) == num_images:
-                break
-        if len(images) < num_images:
-            raise DataError(
-                f"asked for {num_images} images (with objects), shards hold {len(images)}: "
-                "lower calibration.images or add shards"
-            )
+    least one object, decoded. It reads the shards itself (no rank split), so every rank gets the same set
+    whatever the world size, and the same seed gives the same set."""
+    # counted before decoding, so a shortfall fails fast
+    selected = _select_videos(video_urls, num_videos, frames_per_video, seed, "calib")
+    videos = [(record, window, describe(sample)) for record, window, sample in selected]
+    images = [
+        (record, describe(sample)) for record, sample in _select_images(image_urls, num_images, seed, "calib")
+    ]
     return CalibrationSet(
         [to_clip(record, window, image_size, where) for record, window, where in videos],
         [to_image_sample(record, image_size, where) for record, where in images],
+    )
+
+
+class LazySamples(Sequence):
+    """Selected samples decoded one at a time when indexed, so memory does not grow with the set's length;
+    slicing (e.g. a rank's share, `samples[rank::world]`) gives another lazy set."""
+
+    def __init__(self, refs: Sequence[SampleRef], load: Callable[[SampleRef], Any]):
+        self.refs, self.load = list(refs), load
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return LazySamples(self.refs[index], self.load)
+        return self.load(self.refs[index])
+
+
+def _read_sample(ref: SampleRef) -> Sample:
+    for sample in read_shard(ref.url):
+        if sample["__key__"] == ref.key:
+            return sample
+    raise DataError(f"{ref.url}: sample {ref.key} is gone; the shards changed while the run was reading them")
+
+
+def load_video(ref: SampleRef, image_size: int) -> VideoClip:
+    sample = _read_sample(ref)
+    return to_clip(decode_video(sample), ref.positions, image_size, describe(sample))
+
+
+def load_image(ref: SampleRef, image_size: int) -> ImageSample:
+    sample = _read_sample(ref)
+    return to_image_sample(decode_image(sample), image_size, describe(sample))
+
+
+def validation_set(
+    video_urls: str | Path | Sequence[str | Path] | None,
+    image_urls: str | Path | Sequence[str | Path] | None,
+    num_videos: int,
+    frames_per_video: int,
+    num_images: int,
+    image_size: int,
+    seed: int = 0,
+) -> CalibrationSet:
+    """The same selection as `calibration_set`, kept as references: each clip or image is read from its shard
+    and decoded when it is evaluated, then dropped, so a set of any length costs the memory of one item."""
+    videos = [
+        SampleRef(s["__url__"], s["__key__"], window)
+        for _, window, s in _select_videos(video_urls, num_videos, frames_per_video, seed, "val")
+    ]
+    images = [
+        SampleRef(s["__url__"], s["__key__"]) for _, s in _select_images(image_urls, num_images, seed, "val")
+    ]
+    return CalibrationSet(
+        LazySamples(videos, partial(load_video, image_size=image_size)),
+        LazySamples(images, partial(load_image, image_size=image_size)),
     )

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from mqsam2.files import write_text
 from mqsam2.quant.checkpoint import model_spec
 from mqsam2.quant.quantizer import ActQuantizer, FakeQuantizer
 from mqsam2.quant.swap import quantized_layers
@@ -20,6 +21,7 @@ from mqsam2.quant.swap import quantized_layers
 if TYPE_CHECKING:
     from mqsam2.config import FitConfig
     from mqsam2.export.format import ExportBytes
+    from mqsam2.rundir import RunDir
 
 
 class _ByteCounter:
@@ -69,13 +71,16 @@ def plan_summary(model: nn.Module) -> dict:
     }
 
 
-def run_details(config: FitConfig, run_dir: Path) -> dict:
-    """What a fit run contributes to the card: its name, calibration data, method settings and metrics."""
+def run_details(config: FitConfig, run: RunDir) -> dict:
+    """What a fit run contributes to the card: its name, calibration data, method settings (with the units
+    reconstructed, and those that kept round-to-nearest weights because reconstruction made them worse) and
+    metrics."""
     data = config.data
     shards = data.video_shards or data.image_shards
+    kept = [r["unit"] for r in run.unit_records() if r.get("kept_rtn")]
     card = {
         "name": config.name,
-        "run_dir": str(run_dir),
+        "run_dir": str(run.path),
         "calibration": {
             "source": "shards" if shards else f"synthetic ({data.root})",
             "video_shards": data.video_shards,
@@ -93,17 +98,29 @@ def run_details(config: FitConfig, run_dir: Path) -> dict:
             "candidates": list(config.allocation.candidates),
             "reconstruction": config.reconstruction.mode,
             "iters_per_unit": config.reconstruction.iters,
+            "reconstructed_units": config.reconstruction.units or "all",
+            "units_kept_round_to_nearest": kept,
         },
         "fp_checkpoint": config.model.checkpoint or "none (seeded random init)",
     }
-    metrics = run_dir / "metrics.json"
-    if metrics.exists():
-        card["metrics"] = json.loads(metrics.read_text())
+    if run.metrics.exists():
+        card["metrics"] = json.loads(run.metrics.read_text())
     return card
 
 
+def run_fp_bytes(config: FitConfig) -> int | None:
+    """The size of the run's Meta checkpoint file, the natural FP reference (None for random-init runs)."""
+    checkpoint = config.model.checkpoint
+    return Path(checkpoint).stat().st_size if checkpoint and Path(checkpoint).is_file() else None
+
+
 def build_card(
-    model: nn.Module, path: Path, sizes: ExportBytes, fp_bytes: int | None, extra: dict | None
+    model: nn.Module,
+    path: Path,
+    file_format: str,
+    sizes: ExportBytes,
+    fp_bytes: int | None,
+    extra: dict | None,
 ) -> dict:
     """The card of the export at `path` (already written: its size on disk is measured, not predicted)."""
     on_disk = path.stat().st_size
@@ -113,7 +130,7 @@ def build_card(
     card = {
         "name": path.stem,
         "file": path.name,
-        "format": "mqsam2-packed v1",
+        "format": file_format,
         "model": model_spec(model),
         "quantization": {
             "weights": "per-output-channel asymmetric, bit-packed codes",
@@ -221,5 +238,5 @@ def card_paths(path: Path) -> tuple[Path, Path]:
 
 def write_card(card: dict, path: Path) -> None:
     markdown, data = card_paths(path)
-    markdown.write_text(_markdown(card))
-    data.write_text(json.dumps(card, indent=1) + "\n")
+    write_text(markdown, _markdown(card))
+    write_text(data, json.dumps(card, indent=1) + "\n")

@@ -1,16 +1,20 @@
 """The deployable file: quantized weights as bit-packed integer codes, everything else as plain tensors.
 
 Layout of `model.mq` (docs/export.md is the full spec): 8 bytes magic `MQSAM2PK`, the header length as a
-little-endian uint64, the UTF-8 JSON header, then the payload: byte ranges `[offset, nbytes]` in the header
-point into it (offsets from the payload's start, no padding). The header names the SAM2 config and the
-quantization config with its bit plan, so the loader rebuilds the exact module tree and fills it; weights are
-restored as `(code - Z) * S`, the values the fake-quant forward produces, so outputs are identical.
+little-endian uint64, the UTF-8 JSON header, the payload, then the SHA-256 of everything before it. Byte ranges
+`[offset, nbytes, crc32]` in the header point into the payload (offsets from its start, no padding) and carry
+the CRC-32 of their bytes, so a damaged file is refused and the damaged tensor named. The header names the SAM2
+config and the quantization config with its bit plan, so the loader rebuilds the exact module tree and fills
+it; weights are restored as `(code - Z) * S`, the values the fake-quant forward produces, so outputs are
+identical. Version 1 files (no checksums) still load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,15 +24,20 @@ from torch import nn
 from mqsam2.errors import MQSAM2Error
 from mqsam2.export.card import build_card, write_card
 from mqsam2.export.pack import pack_codes, unpack_codes
+from mqsam2.files import atomic_output
 from mqsam2.models import build_architecture, matching_configs
 from mqsam2.quant.affine import dequantize_affine
 from mqsam2.quant.checkpoint import model_spec, quant_config_dict, quant_config_from_dict
+from mqsam2.quant.log2 import Log2Quantizer
 from mqsam2.quant.quantizer import ActQuantizer, FakeQuantizer
 from mqsam2.quant.swap import is_quantized, quantize, quantized_layers
 
 MAGIC = b"MQSAM2PK"
-FORMAT, VERSION = "mqsam2-packed", 1
+FORMAT, VERSION = "mqsam2-packed", 2
+READABLE_VERSIONS = (1, 2)  # version 1: no checksums
 _PREFIX = struct.Struct("<8sQ")
+_DIGEST = hashlib.sha256().digest_size  # the trailer
+_REEXPORT = "copy it again, or export it again (python -m mqsam2.export)"
 _DTYPES = {
     str(dtype).removeprefix("torch."): dtype
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32)
@@ -46,11 +55,11 @@ class ExportBytes:
 
     @property
     def total(self) -> int:
-        return _PREFIX.size + self.header + self.codes + self.weight_params + self.float_tensors
+        return _PREFIX.size + self.header + self.codes + self.weight_params + self.float_tensors + _DIGEST
 
 
 class _Payload:
-    """Appends raw tensor bytes and hands back their `[offset, nbytes]` range."""
+    """Appends raw tensor bytes and hands back their `[offset, nbytes, crc32]` range."""
 
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
@@ -60,7 +69,7 @@ class _Payload:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         self.chunks.append(data)
         self.size += len(data)
-        return [self.size - len(data), len(data)]
+        return [self.size - len(data), len(data), zlib.crc32(data)]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -128,6 +137,12 @@ def export_model(
         raise MQSAM2Error(
             "cannot export: the model does not record its SAM2 config; build it with build_sam2"
         )
+    log2 = [name for name, m in model.named_modules() if isinstance(m, Log2Quantizer)]
+    if log2:
+        raise MQSAM2Error(
+            f"cannot export {log2[0]} and {len(log2) - 1} other log2 attention quantizer(s) (PTQ4SAM): the packed "
+            "format stores uniform quantizers only; save the model with mqsam2.quant.checkpoint.save_quantized"
+        )
     payload = _Payload()
     weights = {name: _weight_entry(name, layer, payload) for name, layer in quantized_layers(model).items()}
     consumed = _quantizer_keys(model) | {f"{name}.weight" for name in weights}
@@ -163,43 +178,48 @@ def export_model(
     }
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as stream:
-        stream.write(_PREFIX.pack(MAGIC, len(header_bytes)))
-        stream.write(header_bytes)
-        for chunk in payload.chunks:
-            stream.write(chunk)
-    tmp.replace(path)
+    digest = hashlib.sha256()
+    with atomic_output(path) as stream:
+        for part in (_PREFIX.pack(MAGIC, len(header_bytes)), header_bytes, *payload.chunks):
+            digest.update(part)
+            stream.write(part)
+        stream.write(digest.digest())
     sizes = ExportBytes(
         header=len(header_bytes),
         codes=sum(entry["codes"][1] for entry in weights.values()),
         weight_params=sum(entry["scale"][1] + entry["zero_point"][1] for entry in weights.values()),
         float_tensors=sum(entry["data"][1] for entry in tensors.values()),
     )
-    card = build_card(model, path, sizes, fp_bytes, card_extra)
+    card = build_card(model, path, f"{FORMAT} v{VERSION}", sizes, fp_bytes, card_extra)
     write_card(card, path)
     return card
 
 
 def read_header(path: str | Path) -> tuple[dict, memoryview]:
-    """The header and the payload bytes of an export, with clear errors for files that are not one."""
+    """The header and the payload bytes of an export, with clear errors for files that are not one or that
+    were damaged after they were written (checksums)."""
     path = Path(path)
     if not path.is_file():
         raise MQSAM2Error(f"export not found: {path}")
     data = memoryview(path.read_bytes())
     if len(data) < _PREFIX.size or bytes(data[:8]) != MAGIC:
         raise MQSAM2Error(f"{path} is not an mqsam2 export (expected the {MAGIC.decode()} magic bytes)")
+    intact = len(data) > _DIGEST and hashlib.sha256(data[:-_DIGEST]).digest() == bytes(data[-_DIGEST:])
     _, header_len = _PREFIX.unpack(data[: _PREFIX.size])
     try:
         header = json.loads(bytes(data[_PREFIX.size : _PREFIX.size + header_len]))
     except ValueError as exc:
-        raise MQSAM2Error(f"{path}: the export header is not valid JSON ({exc})") from None
-    if header.get("format") != FORMAT or header.get("version") != VERSION:
+        damage = "not readable" if intact else "damaged (the file's checksum does not match)"
+        raise MQSAM2Error(f"{path}: the export header is {damage} ({exc}); {_REEXPORT}") from None
+    if header.get("format") != FORMAT or header.get("version") not in READABLE_VERSIONS:
         raise MQSAM2Error(
-            f"{path} is {header.get('format')} v{header.get('version')}; this mqsam2 reads {FORMAT} v{VERSION}"
+            f"{path} is {header.get('format')} v{header.get('version')}; this mqsam2 reads {FORMAT} "
+            f"v{', v'.join(map(str, READABLE_VERSIONS))}"
         )
-    payload = data[_PREFIX.size + header_len :]
+    checked = header["version"] >= 2
+    payload = data[_PREFIX.size + header_len : len(data) - (_DIGEST if checked else 0)]
+    if checked and not intact:
+        raise MQSAM2Error(f"{path} is damaged: {_first_damage(header, payload)}; {_REEXPORT}")
     if len(payload) != header["payload_bytes"]:
         raise MQSAM2Error(
             f"{path} is truncated or padded: payload of {len(payload)} bytes, header says {header['payload_bytes']}"
@@ -207,9 +227,33 @@ def read_header(path: str | Path) -> tuple[dict, memoryview]:
     return header, payload
 
 
+def _spans(header: dict):
+    """(name, [offset, nbytes, crc32]) of every byte range the header points to."""
+    for name, entry in header["weights"].items():
+        for part in ("codes", "scale", "zero_point"):
+            yield f"{name} ({part})", entry[part]
+    for name, entry in header["tensors"].items():
+        yield name, entry["data"]
+
+
+def _first_damage(header: dict, payload: memoryview) -> str:
+    """Where a file whose SHA-256 does not match went wrong: the first tensor whose CRC-32 fails, if any."""
+    if len(payload) != header["payload_bytes"]:
+        return f"payload of {len(payload)} bytes, header says {header['payload_bytes']} (truncated or padded)"
+    for name, (offset, nbytes, crc) in _spans(header):
+        if zlib.crc32(payload[offset : offset + nbytes]) != crc:
+            return f"the bytes of {name} do not match their checksum"
+    return "its checksum does not match (the header or the trailer changed)"
+
+
 def _tensor(payload: memoryview, span: list[int], dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
-    offset, nbytes = span
-    return torch.frombuffer(bytearray(payload[offset : offset + nbytes]), dtype=dtype).reshape(shape)
+    offset, nbytes = span[:2]
+    data = payload[offset : offset + nbytes]
+    if len(span) > 2 and zlib.crc32(data) != span[2]:
+        raise MQSAM2Error(
+            f"the export's bytes {offset}..{offset + nbytes} do not match their checksum; {_REEXPORT}"
+        )
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
 
 
 def _check_architecture(model: nn.Module, header: dict, path: Path) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 from mqsam2.errors import MQSAM2Error
 
 Hook = Callable[[nn.Module, object], None]
+Allocator = Callable[[nn.Module, object, object], object]  # (float model, workload, recipe) -> Allocation
 
 
 @dataclass(frozen=True)
@@ -20,12 +21,14 @@ class Method:
 
     - allocation: `mixed` methods solve Eq. 6 for an Avg-b target over candidates {b-1, b, b+1} with the
       `error` model; `activations` says how input widths are chosen (see `mqsam2.allocation.allocate`).
-      Uniform methods put every layer at b (WbAb).
-    - quantizers: the observers that initialise weight and activation ranges (`dynamic`: per live input), and
-      whether attention matmuls are quantized.
-    - per unit: `reconstruction` is the learning recipe (`none`, `adaround`, `brecq`, `qdrop`, `lsc`); `video_loss`
-      the objective of the memory attention layers and the memory encoder (`mse`: output error; `hvq`:
-      Q-MiniSAM2's hierarchy-based video loss).
+      Uniform methods put every layer at b (WbAb). A method with its own `allocator` measures what it needs
+      on the float model and the workload and returns the `Allocation` itself (Mix-QSAM's KL + IQP).
+    - quantizers: the observers that initialise weight and activation ranges (`dynamic`: per live input),
+      whether attention matmuls are quantized, and the softmax probabilities' quantizer (`attention_probs`:
+      `uniform` or `log2`; None keeps the recipe's).
+    - per unit: `reconstruction` is the learning recipe (`none`, `adaround`, `brecq`, `qdrop`, `lsc`);
+      `video_loss` the objective of the memory attention layers and the memory encoder (`mse`: output error;
+      `hvq`: Q-MiniSAM2's hierarchy-based video loss).
     - memory: `memory_policy` is the policy the quantized model tracks with (`mqsam2.memory.MEMORY_POLICIES`;
       None keeps stock FIFO); calibration and reconstruction always run the stock policy.
     - hooks: `before_quantize(float_model, workload)` runs on the model's copy before layers are swapped (e.g.
@@ -40,9 +43,11 @@ class Method:
     weight_observer: str = "minmax"
     act_observer: str = "minmax"
     quantize_attention: bool = False
+    attention_probs: Literal["uniform", "log2"] | None = None
     reconstruction: Literal["none", "adaround", "brecq", "qdrop", "lsc"] = "none"
     video_loss: Literal["mse", "hvq"] = "mse"
     memory_policy: str | None = None
+    allocator: Allocator | None = None
     before_quantize: Hook | None = None
     after_calibration: Hook | None = None
 

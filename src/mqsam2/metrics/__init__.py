@@ -2,6 +2,7 @@
 
 from mqsam2.metrics.coco import (
     Instances,
+    MaskMAP,
     coco_ground_truth,
     coco_results,
     load_detections,
@@ -14,6 +15,7 @@ from mqsam2.metrics.jandf import JandF, boundary_f_measure, boundary_map, region
 __all__ = [
     "Instances",
     "JandF",
+    "MaskMAP",
     "boundary_f_measure",
     "boundary_map",
     "coco_ground_truth",

@@ -21,6 +21,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from sam2.modeling.sam2_base import SAM2Base
 from torch import Tensor
+from torchmetrics import Metric
 
 from mqsam2.errors import MQSAM2Error
 from mqsam2.models import TensorImagePredictor
@@ -101,43 +102,49 @@ def _rle(mask: Tensor) -> dict:
     return rle
 
 
+def _image_entry(item) -> tuple[dict, list[dict]]:
+    """One image's COCO `images` entry and its annotations (without ids) from its bool `masks` [N, H, W]."""
+    height, width = item.masks.shape[-2:]
+    annotations = []
+    for mask, category in zip(item.masks, item.category_ids, strict=True):
+        rle = _rle(mask)
+        annotations.append(
+            {
+                "image_id": int(item.image_id),
+                "category_id": int(category),
+                "segmentation": rle,
+                "area": float(mask_utils.area(rle)),
+                "bbox": mask_utils.toBbox(rle).tolist(),
+                "iscrowd": 0,
+            }
+        )
+    return {"id": int(item.image_id), "height": int(height), "width": int(width)}, annotations
+
+
+def _coco(images: list[dict], annotations: list[dict]) -> COCO:
+    if not images:
+        raise MQSAM2Error("no images to evaluate: the image set is empty")
+    if not annotations:
+        raise MQSAM2Error("no annotated instances in the image set: mAP needs at least one object")
+    gt = COCO()
+    gt.dataset = {
+        "images": images,
+        "annotations": [{"id": n, **ann} for n, ann in enumerate(annotations, start=1)],
+        "categories": [{"id": c} for c in sorted({ann["category_id"] for ann in annotations})],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    return gt
+
+
 def coco_ground_truth(items: Sequence) -> COCO:
     """A COCO ground truth from images with `image_id`, bool `masks` [N, H, W] and `category_ids`.
 
     Takes the data layer's ImageSample or `Instances` (a reference model's masks, for fidelity); areas and boxes
     come from the masks, as for COCO's own RLE annotations.
     """
-    if not items:
-        raise MQSAM2Error("no images to evaluate: the image set is empty")
-    images, annotations, categories = [], [], set()
-    for item in items:
-        height, width = item.masks.shape[-2:]
-        images.append({"id": int(item.image_id), "height": int(height), "width": int(width)})
-        for mask, category in zip(item.masks, item.category_ids, strict=True):
-            rle = _rle(mask)
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": int(item.image_id),
-                    "category_id": int(category),
-                    "segmentation": rle,
-                    "area": float(mask_utils.area(rle)),
-                    "bbox": mask_utils.toBbox(rle).tolist(),
-                    "iscrowd": 0,
-                }
-            )
-            categories.add(int(category))
-    if not annotations:
-        raise MQSAM2Error("no annotated instances in the image set: mAP needs at least one object")
-    gt = COCO()
-    gt.dataset = {
-        "images": images,
-        "annotations": annotations,
-        "categories": [{"id": c} for c in sorted(categories)],
-    }
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt.createIndex()
-    return gt
+    entries = [_image_entry(item) for item in items]
+    return _coco([image for image, _ in entries], [ann for _, anns in entries for ann in anns])
 
 
 def coco_results(instances: Iterable[Instances]) -> list[dict]:
@@ -169,24 +176,63 @@ def segm_stats(gt: COCO, results: list[dict]) -> dict[str, float]:
     return dict(zip(STAT_NAMES, (float(v) for v in evaluator.stats), strict=True))
 
 
+class MaskMAP(Metric):
+    """COCO segm stats accumulated image by image and synced across ranks (each rank scores its share). The
+    state is the images' COCO entries as RLE JSON bytes (a few KB per image): no masks or pixels are kept."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for name in ("truth", "predictions"):  # JSON bytes of all images, and each image's length
+            self.add_state(f"{name}_bytes", torch.zeros(0, dtype=torch.uint8), dist_reduce_fx="cat")
+            self.add_state(f"{name}_lengths", torch.zeros(0, dtype=torch.int64), dist_reduce_fx="cat")
+
+    def _append(self, name: str, value) -> None:
+        data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8).to(self.device)
+        setattr(self, f"{name}_bytes", torch.cat([getattr(self, f"{name}_bytes"), data]))
+        length = torch.tensor([len(data)], device=self.device)
+        setattr(self, f"{name}_lengths", torch.cat([getattr(self, f"{name}_lengths"), length]))
+
+    def update(self, prediction: Instances, target) -> None:
+        """One image: the prediction's instances against `target` (an ImageSample or a reference's Instances)."""
+        self._append("truth", _image_entry(target))
+        self._append("predictions", coco_results([prediction]))
+
+    def _decoded(self, name: str) -> list:
+        data, lengths = getattr(self, f"{name}_bytes"), getattr(self, f"{name}_lengths")
+        return [json.loads(c.numpy().tobytes()) for c in data.cpu().split(lengths.cpu().tolist())]
+
+    def compute(self) -> dict[str, float]:
+        truth = self._decoded("truth")
+        gt = _coco([image for image, _ in truth], [ann for _, anns in truth for ann in anns])
+        return segm_stats(gt, [result for results in self._decoded("predictions") for result in results])
+
+
 def mask_map(
     model: SAM2Base,
     samples: Sequence,
     detections: str | Path | Iterable[dict] | None = None,
     reference: SAM2Base | None = None,
+    metric: MaskMAP | None = None,
 ) -> dict[str, float]:
     """COCO segm stats of a (quantized) SAM2 on images prompted by their GT boxes or by `detections`.
 
     Scored against the labels, or with `reference` (the FP model) against its masks for the same prompts
-    (fidelity: no labels needed beyond the prompts).
+    (fidelity: no labels needed beyond the prompts). Images are predicted one at a time; with a `metric` placed
+    on a rank's device, `samples` is that rank's share and the stats are those of all ranks' images.
     """
-    if not samples:
+    if not samples and metric is None:
         raise MQSAM2Error("no images to evaluate: the image set is empty")
     dets = None if detections is None else load_detections(detections)
-    if reference is None:
-        gt = coco_ground_truth(samples)
-    else:
-        reference_predictor = TensorImagePredictor(reference)
-        gt = coco_ground_truth([predict_instances(reference_predictor, s, dets) for s in samples])
+    metric = metric if metric is not None else MaskMAP()
     predictor = TensorImagePredictor(model)
-    return segm_stats(gt, coco_results(predict_instances(predictor, s, dets) for s in samples))
+    reference_predictor = TensorImagePredictor(reference) if reference is not None else None
+    for sample in samples:
+        target = (
+            sample if reference_predictor is None else predict_instances(reference_predictor, sample, dets)
+        )
+        metric.update(predict_instances(predictor, sample, dets), target)
+    return metric.compute()

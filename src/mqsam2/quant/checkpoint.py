@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mqsam2.errors import MQSAM2Error
+from mqsam2.files import load_torch, save_torch
 from mqsam2.models import build_architecture
 from mqsam2.quant.swap import QuantConfig, bit_plan, is_quantized, quantize
 
@@ -38,17 +39,13 @@ def save_quantized(model: nn.Module, path: str | Path) -> Path:
     if not is_quantized(model):
         raise MQSAM2Error("model is not quantized: run mqsam2.quant.quantize and calibration first")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "model": model_spec(model),
         "quant": quant_config_dict(model),
         "state_dict": model.state_dict(),
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return path
+    return save_torch(payload, path)
 
 
 def quant_config_from_dict(quant: dict) -> QuantConfig:
@@ -63,12 +60,15 @@ def rebuild_quantized(spec: dict, quant: dict, device: str | torch.device = "cpu
 
 
 def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    path = Path(path)
-    if not path.is_file():
-        raise MQSAM2Error(f"quantized model not found: {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    fix = "give a file written by mqsam2.quant.checkpoint.save_quantized"
+    payload = load_torch(path, "quantized model", fix)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise MQSAM2Error(f"{path} is not an mqsam2 quantized model (expected format {FORMAT})")
+        raise MQSAM2Error(f"{path} is not an mqsam2 quantized model (expected format {FORMAT}); {fix}")
     model = rebuild_quantized(payload["model"], payload["quant"], device)
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise MQSAM2Error(
+            f"{path}: its tensors do not fit the model it describes ({str(exc).splitlines()[0]})"
+        ) from None
     return model

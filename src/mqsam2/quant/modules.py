@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from mqsam2.quant.log2 import Log2Quantizer
 from mqsam2.quant.quantizer import ActQuantizer, WeightQuantizer
 
 
@@ -37,7 +38,23 @@ class QuantLayerMixin:
         return None if self.input_quantizer is None else self.input_quantizer.bits
 
     def quantized_weight(self) -> torch.Tensor:
-        return self.weight_quantizer(self.weight)
+        """The fake-quantized weight; without gradients it is computed once and reused until the weight or
+        its quantizer changes (evaluation would otherwise re-quantize every weight at every call)."""
+        quantizer = self.weight_quantizer
+        if torch.is_grad_enabled() or quantizer.alpha is not None or not quantizer.enabled:
+            return quantizer(self.weight)
+        weight = self.weight
+        key = (
+            weight.data_ptr(),
+            weight._version,
+            quantizer.scale._version,
+            quantizer.zero_point._version,
+            quantizer.bits,
+        )
+        if getattr(self, "_frozen_key", None) != key:
+            self._frozen_weight = quantizer(weight)
+            self._frozen_key = key
+        return self._frozen_weight
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
@@ -108,8 +125,14 @@ class _ExplicitAttention(TorchFunctionMode):
         owner = self.owner
         scale = kwargs.get("scale") or 1.0 / math.sqrt(q.shape[-1])
         logits = (owner.q_quantizer(q) @ owner.k_quantizer(k).transpose(-2, -1)) * scale
-        probs = owner.attn_quantizer(torch.softmax(logits.float(), dim=-1).to(v.dtype))
+        probs = owner.quantized_probabilities(torch.softmax(logits.float(), dim=-1).to(v.dtype), v)
         return probs @ owner.v_quantizer(v)
+
+
+PROBABILITY_QUANTIZERS: dict[str, type[ActQuantizer] | type[Log2Quantizer]] = {
+    "uniform": ActQuantizer,
+    "log2": Log2Quantizer,
+}
 
 
 class QuantAttentionMixin(nn.Module):
@@ -118,12 +141,21 @@ class QuantAttentionMixin(nn.Module):
     q_quantizer: ActQuantizer
     k_quantizer: ActQuantizer
     v_quantizer: ActQuantizer
-    attn_quantizer: ActQuantizer
+    attn_quantizer: ActQuantizer | Log2Quantizer
 
-    def init_attention_quantizers(self, bits: int) -> None:
+    def init_attention_quantizers(self, bits: int, probabilities: str = "uniform") -> None:
+        """Uniform quantizers for q, k and v; the softmax probabilities' kind is `uniform` or `log2`."""
         device = next(self.parameters()).device
-        for role in ("q", "k", "v", "attn"):
+        for role in ("q", "k", "v"):
             setattr(self, f"{role}_quantizer", ActQuantizer(bits).to(device))
+        self.attn_quantizer = PROBABILITY_QUANTIZERS[probabilities](bits).to(device)
+
+    def quantized_probabilities(self, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The softmax probabilities through `attn_quantizer`; a log2 one also sees the values they multiply,
+        since it calibrates on the error of `P @ V` (PTQ4SAM's AGQ)."""
+        if isinstance(self.attn_quantizer, Log2Quantizer):
+            return self.attn_quantizer(probs, v)
+        return self.attn_quantizer(probs)
 
     def forward(self, *args, **kwargs):
         with _ExplicitAttention(self):

@@ -7,6 +7,9 @@ quantized model saves and loads like any module.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -44,6 +47,7 @@ class FakeQuantizer(nn.Module):
         self.observer: Observer | None = None
         self.observing = False
         self.enabled = True
+        self.fused = False  # reconstruction's Triton kernels (mqsam2.quant.fused) on CUDA tensors
         self.name = ""
         # Reading the `initialized` buffer on a GPU is a device sync (and breaks CUDA graph capture):
         # read it once, then trust this until a state dict is loaded.
@@ -107,10 +111,22 @@ def _training_fake_quantize(
     return torch.where(torch.rand_like(x, dtype=torch.float32) < drop_prob, x, x_q)
 
 
-# On the GPU, reconstruction is memory-bound on activation fake-quant (about ten elementwise passes each way);
-# compiled, forward and backward become one fused kernel each. Evaluation keeps the eager path, bit-exact
-# with the exported integer codes.
-_fused_training_fake_quantize = torch.compile(_training_fake_quantize, dynamic=True)
+# Dynamo compiles one variant of a function per input dtype, rank, layout (size-1 dimensions, strides, views)
+# and autograd state, counted per process, and past `recompile_limit` (8 by default) runs it eagerly for good.
+# A whole fit feeds the fake-quant a few dozen such variants (Hiera blocks, then memory attention's bf16 and
+# float32 operands of ranks 3 and 4 under bf16-mixed), so the default budget ran out in the first
+# memory-attention unit and every later unit lost its fused kernels. The budget is raised once, deliberately.
+FUSED_RECOMPILE_LIMIT = 64
+
+
+@functools.cache
+def fused_training_fake_quantize() -> Callable[..., torch.Tensor]:
+    """`_training_fake_quantize` compiled: on the GPU, reconstruction is memory-bound on activation
+    fake-quant (about ten elementwise passes each way), which compiles to one fused kernel per direction.
+    Evaluation keeps the eager path, bit-exact with the exported integer codes."""
+    compiled = torch.compile(_training_fake_quantize, dynamic=True)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FUSED_RECOMPILE_LIMIT)
+    return compiled
 
 
 class ActQuantizer(FakeQuantizer):
@@ -141,10 +157,27 @@ class ActQuantizer(FakeQuantizer):
             scale, zero_point = params_from_range(x.detach().amin(), x.detach().amax(), self.bits)
             return fake_quantize(x, scale, zero_point, self.bits)
         self._check_ready()
+        if not torch.is_grad_enabled() and x.dtype == torch.float32:
+            # One fused kernel, bit for bit the same arithmetic as fake_quantize (see quant/affine.py).
+            return torch.fake_quantize_per_tensor_affine(
+                x, self.scale.detach(), self._integer_zero_point(), 0, qmax(self.bits)
+            )
         if not torch.is_grad_enabled() or (self.drop_prob == 0 and not x.is_cuda):
             return fake_quantize(x, self.scale, self.zero_point, self.bits)
-        train = _fused_training_fake_quantize if x.is_cuda else _training_fake_quantize
+        if self.fused and x.is_cuda:
+            from mqsam2.quant.fused import act_fake_quant
+
+            return act_fake_quant(x, self.scale, self.zero_point, qmax(self.bits), self.drop_prob)
+        train = fused_training_fake_quantize() if x.is_cuda else _training_fake_quantize
         return train(x, self.scale, self.zero_point, *self._training_constants(x.device))
+
+    def _integer_zero_point(self) -> torch.Tensor:
+        """The zero-point as the int32 tensor PyTorch's fused fake-quant takes, converted once per change."""
+        key = (self.zero_point.data_ptr(), self.zero_point._version)
+        if getattr(self, "_zero_point_key", None) != key:
+            self._zero_point_int = self.zero_point.detach().round().to(torch.int32)
+            self._zero_point_key = key
+        return self._zero_point_int
 
     def _training_constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(top code, drop rate) as device tensors, made once rather than copied to the device every step."""
@@ -171,6 +204,10 @@ class WeightQuantizer(FakeQuantizer):
         self._check_ready()
         if self.alpha is None:
             return fake_quantize(w, self.scale, self.zero_point, self.bits, axis=0)
+        if self.fused and w.is_cuda:
+            from mqsam2.quant.fused import adaround_weight
+
+            return adaround_weight(w, self.alpha, self.scale, self.zero_point, qmax(self.bits))
         scale = self.scale.reshape(-1, *([1] * (w.ndim - 1)))
         zero_point = self.zero_point.reshape_as(scale)
         codes = torch.floor(w.detach() / scale) + rectified_sigmoid(self.alpha) + zero_point

@@ -4,10 +4,12 @@ place, then `calibration(model)` initialises every quantizer from observed data.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from sam2.modeling.backbones.hieradet import MultiScaleAttention
@@ -18,6 +20,7 @@ from mqsam2.errors import MQSAM2Error
 from mqsam2.quant.affine import check_bits
 from mqsam2.quant.modules import (
     FLOAT_TO_QUANT,
+    PROBABILITY_QUANTIZERS,
     QuantAttentionMixin,
     QuantLayerMixin,
     quant_attention_class,
@@ -38,6 +41,7 @@ DEFAULT_KEEP_FP: tuple[str, ...] = (
     "sam_mask_decoder.output_upscaling.3",
 )
 ATTENTION_CLASSES: tuple[type[nn.Module], ...] = (MultiScaleAttention, Attention)
+ObserverName = Literal["minmax", "percentile", "mse", "omse"]  # mqsam2.quant.observers.OBSERVERS
 
 
 @dataclass
@@ -47,7 +51,8 @@ class QuantConfig:
     A plan maps layer names to bit-widths (Eq. 6 output); layers it does not name get `bits`. Weights and the
     layer's input activations share the width unless `act_plan` (per layer) or `act_bits` (all layers) sets
     the activations' own, or `weight_only` leaves them float. `act_observer: dynamic` is the naive baseline:
-    each live input quantized with its own min-max range, nothing calibrated.
+    each live input quantized with its own min-max range, nothing calibrated. With `quantize_attention`, the
+    softmax probabilities use a `uniform` quantizer or PTQ4SAM's `log2` one (`attention_probs`).
     """
 
     bits: int = 8
@@ -55,17 +60,23 @@ class QuantConfig:
     plan: Mapping[str, int] | None = None
     act_plan: Mapping[str, int] | None = None
     weight_only: bool = False
-    weight_observer: str = "minmax"
-    act_observer: str = "minmax"
+    weight_observer: ObserverName = "minmax"
+    act_observer: ObserverName = "minmax"
     percentile: float = 99.99
     mse_p: float = 2.4
     keep_fp: tuple[str, ...] = DEFAULT_KEEP_FP
     quantize_attention: bool = False
     attention_bits: int | None = None
+    attention_probs: str = "uniform"
     observer_sample_size: int = 1 << 20
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
+        if self.attention_probs not in PROBABILITY_QUANTIZERS:
+            raise MQSAM2Error(
+                f"attention_probs {self.attention_probs!r} is not a quantizer kind: use one of "
+                f"{', '.join(PROBABILITY_QUANTIZERS)}"
+            )
         for bits in (self.act_bits, self.attention_bits):
             if bits is not None:
                 check_bits(bits)
@@ -121,7 +132,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
         for module in list(model.modules()):
             if isinstance(module, ATTENTION_CLASSES) and not isinstance(module, QuantAttentionMixin):
                 module.__class__ = quant_attention_class(type(module))
-                module.init_attention_quantizers(attention_bits)
+                module.init_attention_quantizers(attention_bits, config.attention_probs)
     for name, quantizer in model.named_modules():
         if isinstance(quantizer, FakeQuantizer):
             quantizer.name = name
@@ -211,7 +222,8 @@ def _keep_unreached_in_float(model: nn.Module, unseen: list[str], config: QuantC
         )
     for name in layers:
         _replace(model, name, model.get_submodule(name).to_float())
-    if layers:
+    if layers:  # recorded, so a saved model is rebuilt with the same structure
+        model.mqsam2_quant_config = dataclasses.replace(config, keep_fp=(*config.keep_fp, *layers))
         log.warning(
             "no calibration input reached %d layer(s), which stay in floating point: %s",
             len(layers),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +69,7 @@ def record_calls(module: nn.Module, device: torch.device | str = "cpu") -> Itera
         handle.remove()
 
 
-def _split_batch(call: Call) -> list[Call]:
+def split_batch(call: Call) -> list[Call]:
     """Per-sample calls from a batched one (tensors whose dim 0 is the batch are sliced, the rest shared)."""
     tensors = [x for x in call.inputs if isinstance(x, torch.Tensor) and x.ndim > 0]
     if not tensors or tensors[0].shape[0] == 1:
@@ -111,6 +111,10 @@ class Batch:
         """Every tensor of the batch (quantized inputs, float inputs, targets) in a fixed order."""
         return [x for x in (*self.inputs_q, *self.inputs_fp, *self.targets) if isinstance(x, torch.Tensor)]
 
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> Batch:
+        """On `device`, floating tensors cast to `dtype`."""
+        return self.with_tensors([_convert(x, device, dtype) for x in self.tensors()])
+
     def with_tensors(self, tensors: Sequence[torch.Tensor]) -> Batch:
         """The same batch with its tensors replaced, in the order of `tensors()` (CUDA graphs feed their own)."""
         supply = iter(tensors)
@@ -127,6 +131,26 @@ class Batch:
         )
 
 
+def _convert(x: Any, device: torch.device | str | None, dtype: torch.dtype | None) -> Any:
+    if not isinstance(x, torch.Tensor):
+        return x
+    return x.to(device=device, dtype=dtype if dtype is not None and x.is_floating_point() else None)
+
+
+def _concatenate(column: Sequence[torch.Tensor], device: torch.device | None) -> torch.Tensor:
+    first = column[0]
+    if device is None:
+        return torch.cat(column) if first.ndim > 0 else first
+    if first.ndim == 0:
+        return first.to(device, non_blocking=True)
+    out = torch.empty((sum(len(x) for x in column), *first.shape[1:]), dtype=first.dtype, device=device)
+    row = 0
+    for x in column:
+        out[row : row + len(x)].copy_(x, non_blocking=True)
+        row += len(x)
+    return out
+
+
 class UnitCache:
     """Samples of one unit, grouped by signature; batches are drawn deterministically from a step number."""
 
@@ -139,8 +163,8 @@ class UnitCache:
         if not quant_calls:
             raise MQSAM2Error(f"unit {unit_name} was never called on the calibration data")
         if batchable:
-            quant_calls = [s for c in quant_calls for s in _split_batch(c)]
-            float_calls = [s for c in float_calls for s in _split_batch(c)]
+            quant_calls = [s for c in quant_calls for s in split_batch(c)]
+            float_calls = [s for c in float_calls for s in split_batch(c)]
         self.unit_name = unit_name
         self.quant = quant_calls
         self.float = float_calls
@@ -168,11 +192,24 @@ class UnitCache:
             if isinstance(x, torch.Tensor)
         )
 
-    def to(self, device: torch.device | str) -> UnitCache:
+    @property
+    def device(self) -> torch.device:
+        return next(x.device for x in self.quant[0].inputs if isinstance(x, torch.Tensor))
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> UnitCache:
+        """Moved (and floating tensors cast to `dtype`) in place, one tensor at a time."""
         for calls in (self.quant, self.float):
             for call in calls:
-                call.inputs = [x.to(device) if isinstance(x, torch.Tensor) else x for x in call.inputs]
-                call.outputs = [x.to(device) if isinstance(x, torch.Tensor) else x for x in call.outputs]
+                call.inputs = [_convert(x, device, dtype) for x in call.inputs]
+                call.outputs = [_convert(x, device, dtype) for x in call.outputs]
+        return self
+
+    def pin(self) -> UnitCache:
+        """Host tensors moved to page-locked memory, so copies to the GPU run asynchronously."""
+        for calls in (self.quant, self.float):
+            for call in calls:
+                call.inputs = [x.pin_memory() if isinstance(x, torch.Tensor) else x for x in call.inputs]
+                call.outputs = [x.pin_memory() if isinstance(x, torch.Tensor) else x for x in call.outputs]
         return self
 
     def indices(self, step: int, batch_size: int, seed: int) -> list[int]:
@@ -184,12 +221,14 @@ class UnitCache:
         picks = torch.randperm(len(group), generator=generator)[:size]
         return [group[int(i)] for i in picks]
 
-    def batch(self, indices: list[int]) -> Batch:
+    def batch(self, indices: list[int], device: torch.device | None = None) -> Batch:
+        """The samples concatenated, on `device` (default: where the cache is). From host memory each sample
+        is copied into its rows of the batch directly, asynchronously when the host memory is pinned."""
+
         def stack(calls: list[Call], attr: str) -> list[Any]:
             columns = zip(*(getattr(c, attr) for c in calls), strict=True)
             return [
-                torch.cat(col) if isinstance(col[0], torch.Tensor) and col[0].ndim > 0 else col[0]
-                for col in columns
+                _concatenate(col, device) if isinstance(col[0], torch.Tensor) else col[0] for col in columns
             ]
 
         quant = [self.quant[i] for i in indices]
@@ -201,44 +240,3 @@ class UnitCache:
             targets=stack(floats, "outputs"),
             output_spec=quant[0].output_spec,
         )
-
-
-@torch.no_grad()
-def chain_cache(
-    previous: UnitCache, quant_previous: nn.Module, float_next: nn.Module, unit_name: str, batch_size: int = 8
-) -> UnitCache:
-    """The cache of a unit whose only input is the previous unit's output (Hiera's chain of blocks): the
-    quantized input is the finished previous unit applied to its own quantized inputs, the float input is the
-    previous float target, and the new target is the float unit applied to it. No model pass needed."""
-    quant_calls, float_calls = [], []
-    for start in range(0, len(previous), batch_size):
-        indices = list(range(start, min(start + batch_size, len(previous))))
-        batch = previous.batch(indices)
-        args, kwargs = batch.unflatten(batch.inputs_q)
-        quant_inputs = quant_previous(*args, **kwargs)
-        (float_inputs,) = batch.targets
-        float_outputs = float_next(float_inputs)
-        for i in range(len(indices)):
-            spec = tree_flatten(((quant_inputs[i : i + 1],), {}))[1]
-            quant_calls.append(Call([quant_inputs[i : i + 1]], spec, [], batch.output_spec))
-            float_calls.append(
-                Call([float_inputs[i : i + 1]], spec, [float_outputs[i : i + 1]], batch.output_spec)
-            )
-    return UnitCache(quant_calls, float_calls, batchable=True, unit_name=unit_name)
-
-
-def capture_unit(
-    unit_name: str,
-    quant_module: nn.Module,
-    float_module: nn.Module,
-    run_quant: Callable[[], None],
-    run_float: Callable[[], None],
-    batchable: bool,
-    device: torch.device | str = "cpu",
-) -> UnitCache:
-    """Record the unit's calls in both models while each runs the same calibration workload."""
-    with record_calls(float_module, device) as float_calls:
-        run_float()
-    with record_calls(quant_module, device) as quant_calls:
-        run_quant()
-    return UnitCache(quant_calls, float_calls, batchable, unit_name)

@@ -1,20 +1,23 @@
 """Reconstruct every unit in order, one Lightning fit per unit (and phase), resumable at any point.
 
-Run directory layout: units/<unit>/<phase>.pt is the unit's state once a phase is finished (written atomically
-by rank 0); units/<unit>/<phase>/ holds Lightning's checkpoints (last.ckpt, SLURM's hpc_ckpt_*.ckpt) and CSV
-logs of the phase in progress. A restarted run loads finished phases, resumes the interrupted one from its
-newest checkpoint, and never recomputes finished work.
+The run directory (`mqsam2.rundir.RunDir`, passed in) names the files: a finished phase leaves its record and
+then the unit's state (the completion mark, written atomically by rank 0); the phase in progress keeps
+Lightning's checkpoints (last.ckpt, SLURM's hpc_ckpt_*.ckpt) and CSV logs. A restarted run loads finished
+phases, resumes the interrupted one from its newest checkpoint, and never recomputes finished work.
+
+A phase that leaves its unit's output error more than `max_error_growth` times its starting error stops the
+run, or with `on_blowup: keep_rtn` restores the unit's round-to-nearest state and says so in its record.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
@@ -27,15 +30,22 @@ from torch.utils.data import DataLoader
 from mqsam2.config import ReconstructionConfig
 from mqsam2.distributed import rank_and_world, trainer_layout
 from mqsam2.errors import MQSAM2Error
+from mqsam2.files import load_torch, save_torch
 from mqsam2.quant.lsc import ClippingSession
-from mqsam2.reconstruct.cache import UnitCache, capture_unit, chain_cache
+from mqsam2.reconstruct.cache import UnitCache
+from mqsam2.reconstruct.capture import Capturer
 from mqsam2.reconstruct.hvq import HierarchicalVideoLoss, is_video_unit
 from mqsam2.reconstruct.module import UnitReconstruction, unit_error
+from mqsam2.reconstruct.placement import CachePolicy
 from mqsam2.reconstruct.report import plot_loss_curve, read_metrics
 from mqsam2.reconstruct.rounding import BetaSchedule
 from mqsam2.reconstruct.units import Unit, reconstruction_units
+from mqsam2.slurm import lightning_requeues
 from mqsam2.wandb_images import log_images
 from mqsam2.workload import Workload
+
+if TYPE_CHECKING:
+    from mqsam2.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +85,6 @@ def phases(config: ReconstructionConfig) -> list[Phase]:
     return []
 
 
-def unit_dir(run_dir: Path, unit: str) -> Path:
-    return run_dir / "units" / unit
-
-
 def newest_checkpoint(directory: Path) -> Path | None:
     """last.ckpt or SLURM's hpc_ckpt_*.ckpt, whichever was written last."""
     candidates = [*directory.glob("last*.ckpt"), *directory.glob("hpc_ckpt_*.ckpt")]
@@ -90,22 +96,6 @@ def progress_bar(total_steps: int) -> TQDMProgressBar:
     return TQDMProgressBar(refresh_rate=1 if sys.stdout.isatty() else max(1, total_steps // 20))
 
 
-def _save_atomic(state: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-
-
-def _cache_device(config: ReconstructionConfig, cache: UnitCache, device: torch.device) -> torch.device:
-    """Keep the cache on the GPU when it fits in half of the free memory, else in host memory."""
-    if device.type != "cuda" or config.cache_device == "cpu":
-        return torch.device("cpu")
-    if config.cache_device == "cuda":
-        return device
-    free, _ = torch.cuda.mem_get_info(device)
-    return device if cache.nbytes < free // 2 else torch.device("cpu")
-
-
 class Reconstructor:
     """Owns the loop over units; each unit is captured, fitted phase by phase, hardened and saved."""
 
@@ -115,7 +105,7 @@ class Reconstructor:
         float_model: nn.Module,
         workload: Workload,
         config: ReconstructionConfig,
-        run_dir: Path,
+        run_dir: RunDir,
         loggers: list[Logger] | None = None,
         seed: int = 0,
         only: list[str] | None = None,
@@ -124,7 +114,7 @@ class Reconstructor:
         self.model = model
         self.float_model = float_model
         self.config = config
-        self.run_dir = Path(run_dir)
+        self.run_dir = run_dir
         self.loggers = loggers or []
         self.seed = seed
         self.callbacks = callbacks or []
@@ -137,44 +127,53 @@ class Reconstructor:
             if unknown:
                 raise MQSAM2Error(f"no reconstruction unit named {', '.join(unknown)} in mode {config.mode}")
             self.units = [unit for unit in self.units if unit.name in only]
+        self.capturer = Capturer(
+            model,
+            float_model,
+            self.workload,
+            self.all_units,
+            self.units,
+            config.capture,
+            config.batch_size,
+            place=self._place,
+        )
 
     def run(self) -> None:
         plan = phases(self.config)
-        previous: tuple[Unit, UnitCache] | None = None
+        self._write_unit_log()  # a run stopped between a unit's state and its log line gets the line back
+        unfinished = [
+            any(not self.run_dir.phase_state(u.name, p.name).exists() for p in plan) for u in self.units
+        ]
         for index, unit in enumerate(self.units, start=1):
             log.info("unit %d/%d: %s (%d layers)", index, len(self.units), unit.name, len(unit.layers))
+            self.capturer.before(unit, pending=any(unfinished[index - 1 :]))
             cache = None
+            rounded = {k: v.clone() for k, v in unit.module.state_dict().items()}  # round-to-nearest
             for phase in plan:
-                done = unit_dir(self.run_dir, unit.name) / f"{phase.name}.pt"
+                done = self.run_dir.phase_state(unit.name, phase.name)
                 if done.exists():
-                    unit.module.load_state_dict(torch.load(done, map_location="cpu", weights_only=True))
+                    unit.module.load_state_dict(self.run_dir.load_state(done))
                     log.info("  %s: finished earlier, loaded %s", phase.name, done)
                     continue
-                cache = cache or self.capture(unit, previous)
-                self.fit_phase(unit, phase, cache)
-            previous = (unit, cache) if cache is not None else None
+                cache = cache or self.capture(unit)
+                self.fit_phase(unit, phase, cache, rounded)
 
-    def capture(self, unit: Unit, previous: tuple[Unit, UnitCache] | None = None) -> UnitCache:
-        """Record the unit's calibration tensors. A unit in a chain of blocks derives them from the previous
-        unit's cache (recomputed the same way after a restart, so resumed runs see identical tensors)."""
+    def _write_unit_log(self) -> None:
+        if self.rank == 0:
+            plan = phases(self.config)
+            self.run_dir.write_unit_log([(u.name, p.name) for u in self.units for p in plan])
+
+    def _place(self, cache: UnitCache) -> UnitCache:
+        config = self.config
+        policy = CachePolicy(
+            config.cache_device, config.cache_gb, config.cache_bf16 and "bf16" in config.precision
+        )
+        return policy.place(cache, next(self.model.parameters()).device)
+
+    def capture(self, unit: Unit) -> UnitCache:
+        """The unit's calibration tensors (`mqsam2.reconstruct.capture` says where they come from)."""
         start = time.perf_counter()
-        float_unit = self.float_model.get_submodule(unit.name)
-        if unit.follows is not None:
-            before = next(u for u in self.all_units if u.name == unit.follows)
-            if previous is None or previous[0].name != unit.follows:
-                previous = (before, self.capture(before))
-            cache = chain_cache(previous[1], before.module, float_unit, unit.name, self.config.batch_size)
-        else:
-            cache = capture_unit(
-                unit.name,
-                unit.module,
-                float_unit,
-                run_quant=lambda: self.workload.run(self.model, unit.encoder_only),
-                run_float=lambda: self.workload.run(self.float_model, unit.encoder_only),
-                batchable=unit.batchable,
-            )
-            device = next(self.model.parameters()).device
-            cache.to(_cache_device(self.config, cache, device))
+        cache = self.capturer.capture(unit)
         log.info(
             "  captured %d samples (%.1f MiB) in %.1f s",
             len(cache),
@@ -204,8 +203,12 @@ class Reconstructor:
             log_every_n_steps=max(1, min(50, iters // 20)),
         )
 
-    def fit_phase(self, unit: Unit, phase: Phase, cache: UnitCache) -> None:
-        phase_dir = unit_dir(self.run_dir, unit.name) / phase.name
+    def fit_phase(
+        self, unit: Unit, phase: Phase, cache: UnitCache, rounded: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Fit one phase, then check the unit's output error against its start (restoring `rounded`, the
+        unit's round-to-nearest state, when the config says to keep it) and save the result."""
+        phase_dir = self.run_dir.phase_dir(unit.name, phase.name)
         phase_dir.mkdir(parents=True, exist_ok=True)
         error_before = unit_error(unit, cache)
         if phase.learn_rounding:
@@ -231,6 +234,7 @@ class Reconstructor:
             check_finite_every=self.config.check_finite_every,
             compile=self.config.compile,
             cuda_graphs=self.config.cuda_graphs and self.world_size == 1 and clipping is None,
+            fused_kernels=self.config.fused_kernels,
             extra_groups=clipping.param_groups() if clipping else (),
             objective=self._objective(unit, cache),
         )
@@ -241,23 +245,53 @@ class Reconstructor:
         trainer = self._trainer(phase_dir, phase.iters, attempt)
         start = time.perf_counter()
         first_step = (
-            torch.load(resume, map_location="cpu", weights_only=False)["global_step"] if resume else 0
+            load_torch(resume, "Lightning checkpoint", "delete it to restart the unit's phase", False)[
+                "global_step"
+            ]
+            if resume
+            else 0
         )
         if resume:
             log.info("  %s: resuming from %s (step %d)", phase.name, resume.name, first_step)
-        trainer.fit(module, DataLoader(range(phase.iters), batch_size=None), ckpt_path=resume)
+        with lightning_requeues():  # Slurm's warning: Lightning writes an hpc checkpoint of this phase
+            trainer.fit(module, DataLoader(range(phase.iters), batch_size=None), ckpt_path=resume)
         seconds = time.perf_counter() - start
         if clipping is not None:
             clipping.finish()
         module.finish()
         for quantizer in unit.act_quantizers.values():
             quantizer.enabled = True
+        errors = {"error_before": error_before, "error_after": unit_error(unit, cache)}
+        grew = errors["error_after"] > self.config.max_error_growth * error_before
+        if trainer.strategy.reduce_boolean_decision(grew, all=False):  # every rank decides alike
+            errors |= self._keep_rounded(unit, phase, errors, rounded, cache)
         if self.rank == 0:
-            _save_atomic(unit.module.state_dict(), unit_dir(self.run_dir, unit.name) / f"{phase.name}.pt")
+            self._report(unit, phase, phase_dir, phase.iters - first_step, seconds, errors)
+            save_torch(unit.module.state_dict(), self.run_dir.phase_state(unit.name, phase.name))
             for stale in phase_dir.glob("*.ckpt"):
                 stale.unlink()
-            errors = {"error_before": error_before, "error_after": unit_error(unit, cache)}
-            self._report(unit, phase, phase_dir, phase.iters - first_step, seconds, errors)
+            self._write_unit_log()
+
+    def _keep_rounded(
+        self, unit: Unit, phase: Phase, errors: dict, rounded: dict | None, cache: UnitCache
+    ) -> dict:
+        """Reconstruction made the unit worse than `max_error_growth` allows: stop, or (on_blowup=keep_rtn)
+        restore its round-to-nearest state and return what the record should say."""
+        before, after = errors["error_before"], errors["error_after"]
+        what = (
+            f"unit {unit.name} ({phase.name}): reconstruction made its output error {after / before:.3g}x worse "
+            f"({before:.4g} -> {after:.4g}), beyond reconstruction.max_error_growth="
+            f"{self.config.max_error_growth:g}"
+        )
+        if self.config.on_blowup != "keep_rtn" or rounded is None:
+            raise MQSAM2Error(
+                f"{what}: rerun with --reconstruction.on_blowup keep_rtn to keep round-to-nearest weights for "
+                "such units (finished units are kept), or start a new run with lower reconstruction.lr_rounding "
+                "/ lr_act"
+            )
+        unit.module.load_state_dict(rounded)
+        log.warning("%s: keeping its round-to-nearest weights (reconstruction.on_blowup=keep_rtn)", what)
+        return {"error_after": unit_error(unit, cache), "reconstructed_error": after, "kept_rtn": True}
 
     def _objective(self, unit: Unit, cache: UnitCache) -> HierarchicalVideoLoss | None:
         """Q-MiniSAM2's HVQ loss on the video units when asked for; the plain output error elsewhere."""
@@ -270,7 +304,9 @@ class Reconstructor:
     ) -> None:
         metrics = read_metrics(phase_dir / "logs")
         curve = plot_loss_curve(
-            metrics, phase_dir.parent / f"{phase.name}_loss.png", f"{unit.name} ({phase.name})"
+            metrics,
+            self.run_dir.unit_dir(unit.name) / f"{phase.name}_loss.png",
+            f"{unit.name} ({phase.name})",
         )
         if curve is not None:
             log_images(self.loggers, f"{unit.name}/{phase.name}/loss_curve", [curve])
@@ -294,5 +330,4 @@ class Reconstructor:
             seconds,
             record["it_per_s"] or 0.0,
         )
-        with open(self.run_dir / "units.jsonl", "a") as stream:
-            stream.write(json.dumps(record) + "\n")
+        self.run_dir.write_record(unit.name, phase.name, record)

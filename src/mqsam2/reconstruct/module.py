@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_flatten
 
 from mqsam2.errors import MQSAM2Error
 from mqsam2.reconstruct.cache import Batch, UnitCache
+from mqsam2.reconstruct.placement import BatchFeeder
 from mqsam2.reconstruct.rounding import BetaSchedule, hardened_fraction, rounding_regularizer
 from mqsam2.reconstruct.units import Unit
 
@@ -45,25 +46,32 @@ def reconstruction_loss(
     return total
 
 
-def mix_inputs(quant: list, float_: list, drop_prob: float) -> list:
-    """QDrop on the unit input: each element comes from the float model with probability drop_prob."""
+def mix_inputs(quant: list, float_: list, drop_prob: float, fused: bool = False) -> list:
+    """QDrop on the unit input: each element comes from the float model with probability drop_prob (in one
+    Triton kernel when `fused` and on CUDA)."""
     mixed = []
     for q, f in zip(quant, float_, strict=True):
         if drop_prob > 0 and isinstance(q, torch.Tensor) and q.is_floating_point() and q.shape == f.shape:
-            q = torch.where(torch.rand_like(q, dtype=torch.float32) < drop_prob, f, q)
+            if fused and q.is_cuda:
+                from mqsam2.quant.fused import qdrop_mix  # Triton: imported only where it runs
+
+                q = qdrop_mix(q, f, drop_prob)
+            else:
+                q = torch.where(torch.rand_like(q, dtype=torch.float32) < drop_prob, f, q)
         mixed.append(q)
     return mixed
 
 
 @torch.no_grad()
 def unit_error(unit: Unit, cache: UnitCache, batch_size: int = 8) -> float:
-    """The reconstruction loss over every cached sample, quantized inputs, no dropping: what the unit's
-    output error is in deployment (before reconstruction this is round-to-nearest's error)."""
+    """The reconstruction loss over every cached sample, quantized inputs, no dropping, in float32: what the
+    unit's output error is in deployment (before reconstruction this is round-to-nearest's error)."""
+    device = next(unit.module.parameters()).device
     total, count = 0.0, 0
     for group in cache.groups:
         for start in range(0, len(group), batch_size if cache.batchable else 1):
             indices = group[start : start + (batch_size if cache.batchable else 1)]
-            batch = cache.batch(indices)
+            batch = cache.batch(indices, device=device).to(device, torch.float32)
             args, kwargs = batch.unflatten(batch.inputs_q)
             outputs, _ = tree_flatten(unit.module(*args, **kwargs))
             loss = reconstruction_loss(outputs, batch.targets, unit.channels_first, require_grad=False)
@@ -96,6 +104,7 @@ class UnitReconstruction(L.LightningModule):
         check_finite_every: int = 100,
         compile: bool = False,
         cuda_graphs: bool = False,
+        fused_kernels: bool = False,
         extra_groups: Sequence[dict] = (),
         objective: UnitObjective | None = None,
     ):
@@ -121,6 +130,7 @@ class UnitReconstruction(L.LightningModule):
         self._graphs: dict[tuple, nn.Module] = {}
         self._graph_pool = None
         self._step_scalars: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._feeder: BatchFeeder | None = None
         self.batch_size = 1
         self.log_prefix = ""
         for parameter in self.unit_module.parameters():
@@ -134,8 +144,18 @@ class UnitReconstruction(L.LightningModule):
         extra = [p for group in self.extra_groups for p in group["params"]]
         for parameter in (*self.alphas, *self.act_scales, *extra):
             parameter.requires_grad_(True)
+        # Triton kernels for fake-quant, QDrop and AdaRound on CUDA (mqsam2.quant.fused); eager elsewhere.
+        self.fused_kernels = fused_kernels
+        for quantizer in self._quantizers():
+            quantizer.fused = fused_kernels
         for quantizer in unit.act_quantizers.values():
             quantizer.drop_prob = drop_prob
+
+    def _quantizers(self) -> list[nn.Module]:
+        return [
+            *self.unit.act_quantizers.values(),
+            *(layer.weight_quantizer for layer in self.unit.layers.values()),
+        ]
 
     def soft_roundings(self) -> list[torch.Tensor]:
         return [layer.weight_quantizer.soft_rounding() for layer in self.unit.layers.values()]
@@ -145,7 +165,7 @@ class UnitReconstruction(L.LightningModule):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(reconstruction loss, rounding regulariser or None) of one batch: the math of a step. With an
         `objective` and the batch's cache `indices`, the first term is that objective."""
-        inputs = mix_inputs(batch.inputs_q, batch.inputs_fp, self.drop_prob)
+        inputs = mix_inputs(batch.inputs_q, batch.inputs_fp, self.drop_prob, self.fused_kernels)
         args, kwargs = batch.unflatten(inputs)
         outputs, _ = tree_flatten(self.forward_fn(*args, **kwargs))
         rec = reconstruction_loss(outputs, batch.targets, self.unit.channels_first)
@@ -153,11 +173,15 @@ class UnitReconstruction(L.LightningModule):
             rec = self.objective(indices, outputs, batch.targets, rec, self.quantized_outputs)
         if not self.learn_rounding or beta is None:
             return rec, None
+        if self.fused_kernels and self.device.type == "cuda":
+            from mqsam2.quant import fused
+
+            return rec, sum(fused.rounding_regularizer(alpha, beta) for alpha in self.alphas)
         return rec, sum(rounding_regularizer(h, beta) for h in self.soft_roundings())
 
     def quantized_outputs(self, indices: list[int]) -> list:
         """The unit's flattened outputs on cached samples of one signature, from their quantized inputs."""
-        batch = self.cache.batch(indices)
+        batch = self.cache.batch(indices, device=self.device)
         args, kwargs = batch.unflatten(batch.inputs_q)
         outputs, _ = tree_flatten(self.forward_fn(*args, **kwargs))
         return outputs
@@ -173,10 +197,8 @@ class UnitReconstruction(L.LightningModule):
 
     def training_step(self, batch_index, _):
         step = self.global_step
-        rank_seed = self.seed + 7919 * self.global_rank
-        torch.manual_seed(rank_seed * 1_000_003 + step)
-        indices = self.cache.indices(step, self.batch_size, rank_seed)
-        batch = self.cache.batch(indices)
+        torch.manual_seed((self.seed + 7919 * self.global_rank) * 1_000_003 + step)
+        indices, batch = self._feeder(step)
         beta = self.beta(step)
         if self.graphed:
             loss, rec, reg = self._graphed_step(self.cache.group_of[indices[0]], batch, beta)
@@ -196,14 +218,18 @@ class UnitReconstruction(L.LightningModule):
         return loss
 
     def on_train_start(self) -> None:
-        """Capture every batch signature's graph before the first step (inside the Trainer's precision
-        context, as the steps run), so no step pays for a capture."""
+        """Start feeding batches to this device, and capture every batch signature's graph before the first
+        step (inside the Trainer's precision context, as the steps run), so no step pays for a capture."""
+        rank_seed = self.seed + 7919 * self.global_rank
+        self._feeder = BatchFeeder(
+            self.cache, self.device, lambda step: self.cache.indices(step, self.batch_size, rank_seed)
+        )
         if not self.graphed:
             return
         with self.trainer.precision_plugin.forward_context():
             for group, members in enumerate(self.cache.groups):
                 size = min(self.batch_size if self.cache.batchable else 1, len(members))
-                self._graph(group, self.cache.batch(members[:size]))
+                self._graph(group, self.cache.batch(members[:size], device=self.device))
 
     def _graph_inputs(self, batch: Batch, beta: float | None) -> tuple[torch.Tensor, ...]:
         if self._step_scalars is None:
@@ -293,12 +319,15 @@ class UnitReconstruction(L.LightningModule):
         """Harden every rounding variable of every layer in the unit and switch dropping off; the unit goes back
         to the model's device (Lightning's teardown moves the fitted module to the CPU)."""
         self._graphs.clear()
+        self._feeder = None
         gc.collect()  # graphs sit in reference cycles: free them now, not during the next unit's capture
         self.unit_module.to(self.home_device)
         for layer in self.unit.layers.values():
             layer.harden_rounding()
         for quantizer in self.unit.act_quantizers.values():
             quantizer.drop_prob = 0.0
+        for quantizer in self._quantizers():
+            quantizer.fused = False
         for parameter in self.unit_module.parameters():
             parameter.requires_grad_(False)
 

@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from mqsam2.files import atomic_output
+
 
 def read_metrics(logs_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """{metric: [(step, value), ...]} with keys stripped of their unit/phase prefix; a later attempt's
@@ -41,6 +43,7 @@ def plot_loss_curve(metrics: dict[str, list[tuple[int, float]]], path: Path, tit
         twin.set_ylabel("regulariser")
     ax.legend(loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_output(path) as stream:
+        fig.savefig(stream, dpi=100, format="png")
     plt.close(fig)
     return path

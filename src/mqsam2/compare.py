@@ -1,0 +1,554 @@
+"""`python -m mqsam2.compare --config configs/compare/<name>.yaml`: a grid of methods x widths x memory policies
+on one checkpoint and one calibration / validation set, the analogue of the paper's Tables 1-3.
+
+Each row is a registered method (`mqsam2.methods`) at a width; each (row, memory policy) is a cell, scored per
+clip against the labels (J, F, J&F) and against the float model's own masks under the same policy (fidelity),
+plus COCO mask mAP per row when validation images are given. Cells are written as they finish under
+`<out_root>/<name>/cells/` and reused on a rerun (a cell whose row or shared settings changed is recomputed);
+quantized models are kept under `models/` and reconstruction resumes under `rows/<row>/`. The report is a
+Markdown table with paired per-clip bootstrap intervals for each cell's fidelity difference to the baseline
+row, per-clip JSON, and a PNG chart.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
+from matplotlib.figure import Figure
+
+from mqsam2 import api
+from mqsam2.allocation import Allocation
+from mqsam2.cli import run_command
+from mqsam2.config import DataConfig, EvaluationConfig, FitConfig, ModelConfig, ReconstructionConfig
+from mqsam2.errors import MQSAM2Error
+from mqsam2.evaluate import clip_prompts, score_tracks, track
+from mqsam2.files import save_torch, write_text
+from mqsam2.importance import LayerImportance, read_importance, write_importance
+from mqsam2.memory.policies import using_memory_policy
+from mqsam2.methods import get_method
+from mqsam2.metrics.coco import mask_map
+from mqsam2.metrics.jandf import JandF
+from mqsam2.quant import quantize
+from mqsam2.quant.swap import QuantConfig
+
+log = logging.getLogger("mqsam2")
+
+
+@dataclass
+class Row:
+    """One method at one width: uniform WbAb (WbAa with `act_bits`), or Avg-b for mixed methods (candidates
+    {b-1, b, b+1} unless given). `memory` and `iters` override the grid's policies and reconstruction
+    iterations for this row; `iters: 0` stops a learning method after calibration (its round-to-nearest
+    ablation)."""
+
+    method: str
+    bits: float = 4
+    label: str | None = None
+    candidates: list[int] | None = None
+    memory: list[str] | None = None
+    iters: int | None = None
+    act_bits: int | None = None
+
+    @property
+    def name(self) -> str:
+        if self.label:
+            return self.label
+        method = get_method(self.method)
+        if not method.quantizes:
+            return "fp"
+        width = f"avg{self.bits:g}" if method.mixed else f"w{self.bits:g}a{self.act_bits or self.bits:g}"
+        return f"{self.method}-{width}"
+
+
+@dataclass
+class BootstrapConfig:
+    """Paired per-clip bootstrap of each cell's difference to the baseline row."""
+
+    samples: int = 2000
+    level: float = 0.95
+    seed: int = 0
+
+
+@dataclass
+class CompareConfig:
+    """The grid: one model and data set, shared quantizer and reconstruction settings, the rows."""
+
+    name: str = "compare"
+    out_root: str = "runs/compare"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    memory: list[str] = field(default_factory=lambda: ["fifo", "sis"])
+    rows: list[Row] = field(
+        default_factory=lambda: [Row("fp"), Row("minmax", 4), Row("mixqsam2-measured", 4)]
+    )
+    baseline: str | None = None
+    images: bool = True
+    detections: str | None = None
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+
+    def __post_init__(self) -> None:
+        names = [row.name for row in self.rows]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise MQSAM2Error(f"rows {', '.join(duplicates)} appear twice: give one of each a distinct label")
+        if self.baseline is not None and self.baseline not in names:
+            raise MQSAM2Error(f"baseline {self.baseline!r} is not a row: use one of {', '.join(names)}")
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class ClipScore:
+    """Sums over one clip's tracks, so any set of clips averages over objects exactly as J&F does."""
+
+    clip: str
+    tracks: int
+    j: float
+    f: float
+    fid_tracks: int = 0
+    fid_j: float = 0.0
+    fid_f: float = 0.0
+
+
+def _sums(pred: torch.Tensor, target: torch.Tensor, clip, prompts, annotated_only: bool) -> tuple:
+    metric = JandF()
+    score_tracks(metric, pred, target, clip, prompts, annotated_only)
+    return int(metric.tracks), float(metric.j_sum), float(metric.f_sum)
+
+
+def score_clips(preds: list, references: list | None, clips: list, prompts: list) -> list[ClipScore]:
+    """Per-clip J/F sums against the labels and, given the float model's masks, against those."""
+    scores = []
+    for pred, clip, clip_prompts_, i in zip(preds, clips, prompts, range(len(clips)), strict=True):
+        tracks, j, f = _sums(pred, clip.masks, clip, clip_prompts_, annotated_only=True)
+        score = ClipScore(clip.video_id, tracks, j, f)
+        if references is not None:
+            score.fid_tracks, score.fid_j, score.fid_f = _sums(
+                pred, references[i], clip, clip_prompts_, annotated_only=False
+            )
+        scores.append(score)
+    return scores
+
+
+def aggregate(scores: list[ClipScore]) -> dict[str, float]:
+    """J, F, J&F over all tracks (labels) and fidelity J, F, J&F over all tracks (float masks)."""
+    out = {}
+    tracks = sum(s.tracks for s in scores)
+    if tracks:
+        j, f = sum(s.j for s in scores) / tracks, sum(s.f for s in scores) / tracks
+        out |= {"J": j, "F": f, "J&F": (j + f) / 2, "tracks": tracks}
+    fid_tracks = sum(s.fid_tracks for s in scores)
+    if fid_tracks:
+        j, f = sum(s.fid_j for s in scores) / fid_tracks, sum(s.fid_f for s in scores) / fid_tracks
+        out |= {"fidelity/J": j, "fidelity/F": f, "fidelity/J&F": (j + f) / 2}
+    return out
+
+
+def paired_bootstrap(
+    numerators: np.ndarray,
+    denominators: np.ndarray,
+    samples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(difference, low, high): the ratio statistic `sum(num) / sum(den)` of row A minus row B, resampling clips
+    with replacement and the same clips for both rows (paired). `numerators` and `denominators` are [2, clips]
+    (row A, row B); the interval is the percentile interval of the resampled differences."""
+    numerators, denominators = np.asarray(numerators, float), np.asarray(denominators, float)
+    clips = numerators.shape[1]
+    point = numerators[0].sum() / denominators[0].sum() - numerators[1].sum() / denominators[1].sum()
+    counts = np.random.default_rng(seed).multinomial(clips, np.full(clips, 1.0 / clips), size=samples)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        stats = (counts @ numerators.T) / (counts @ denominators.T)
+    deltas = stats[:, 0] - stats[:, 1]
+    deltas = deltas[np.isfinite(deltas)]
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(deltas, [tail, 100 - tail])
+    return float(point), float(low), float(high)
+
+
+def fidelity_difference(a: list[ClipScore], b: list[ClipScore], config: BootstrapConfig) -> tuple[float, ...]:
+    """Fidelity J&F of cell a minus cell b with its paired bootstrap interval (clips matched by id)."""
+    by_clip = {s.clip: s for s in b}
+    pairs = [(s, by_clip[s.clip]) for s in a if s.clip in by_clip]
+    numerators = np.array(
+        [[(x.fid_j + x.fid_f) / 2 for x, _ in pairs], [(y.fid_j + y.fid_f) / 2 for _, y in pairs]]
+    )
+    denominators = np.array([[x.fid_tracks for x, _ in pairs], [y.fid_tracks for _, y in pairs]])
+    return paired_bootstrap(numerators, denominators, config.samples, config.level, config.seed)
+
+
+# ------------------------------------------------------------------------------------------------- cells
+
+
+def _write_json(path: Path, payload) -> None:
+    write_text(path, json.dumps(payload, indent=1) + "\n")
+
+
+def _key(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Grid:
+    """Owns the compare directory: models, cells and report; everything reusable is reused."""
+
+    def __init__(self, config: CompareConfig):
+        self.config = config
+        self.dir = Path(config.out_root) / config.name
+        shared = {k: asdict(getattr(config, k)) for k in ("model", "data", "quant", "reconstruction")}
+        shared["seed"] = config.seed
+        self.shared = shared
+        self.float_model: torch.nn.Module | None = None
+        self.data = None
+        self.references: dict[str, list] = {}
+        self.importance: dict[str, LayerImportance] | None = None
+
+    def row_key(self, row: Row) -> str:
+        return _key({"row": asdict(row), "shared": self.shared})
+
+    def cell_path(self, row: Row, policy: str) -> Path:
+        return self.dir / "cells" / f"{row.name}__{policy}.json"
+
+    def images_path(self, row: Row) -> Path:
+        return self.dir / "cells" / f"{row.name}__images.json"
+
+    def policies(self, row: Row) -> list[str]:
+        return row.memory or self.config.memory
+
+    def load_cell(self, path: Path, key: str) -> dict | None:
+        if not path.exists():
+            return None
+        cell = json.loads(path.read_text())
+        if cell.get("key") != key:
+            log.info("  %s: settings changed since it was scored, recomputing", path.name)
+            return None
+        return cell
+
+    # --------------------------------------------------------------------------------------- shared inputs
+
+    def fit_config(self) -> FitConfig:
+        c = self.config
+        return FitConfig(
+            name=c.name,
+            seed=c.seed,
+            model=c.model,
+            data=c.data,
+            quant=c.quant,
+            reconstruction=c.reconstruction,
+            evaluation=EvaluationConfig(enabled=True, images=c.images, detections=c.detections),
+        )
+
+    def prepare(self) -> None:
+        if self.float_model is not None:
+            return
+        from mqsam2 import pipeline
+
+        fit = self.fit_config()
+        self.float_model = pipeline.load_float_model(fit)
+        self.data = pipeline.load_data(fit, self.float_model.image_size)
+        if not self.data.val_videos:
+            raise MQSAM2Error("compare needs validation clips: set data.val_video_shards (or synthetic data)")
+        self.prompts = [clip_prompts(clip, self.config.data.prompt) for clip in self.data.val_videos]
+
+    def track_all(self, model: torch.nn.Module, policy: str) -> list:
+        clips = self.data.val_videos
+        with using_memory_policy(model, policy):
+            return [track(model, clip, p) for clip, p in zip(clips, self.prompts, strict=True)]
+
+    def reference(self, policy: str) -> list:
+        if policy not in self.references:
+            log.info("  float model under %s: tracking %d clips", policy, len(self.data.val_videos))
+            self.references[policy] = self.track_all(self.float_model, policy)
+        return self.references[policy]
+
+    def measured_widths(self) -> list[int]:
+        widths = set()
+        for row in self.config.rows:
+            method = get_method(row.method)
+            if method.error == "measured":
+                widths.update(self.recipe(row).candidate_widths())
+        return sorted(widths)
+
+    def shared_importance(self) -> dict[str, LayerImportance]:
+        """Importance (and the measured tables for every width any row needs), once per grid."""
+        if self.importance is None:
+            path = self.dir / "importance.json"
+            key_path = self.dir / "importance.key"
+            key = _key({"shared": self.shared, "widths": self.measured_widths()})
+            if path.exists() and key_path.exists() and key_path.read_text() == key:
+                self.importance = read_importance(path)
+            else:
+                start = time.perf_counter()
+                self.importance = api.measure_importance(
+                    self.float_model, self.data.calibration, self.config.quant, self.measured_widths()
+                )
+                write_importance(self.importance, path)
+                write_text(key_path, key)
+                log.info("importance: %d layers in %.1f s", len(self.importance), time.perf_counter() - start)
+        return self.importance
+
+    # ---------------------------------------------------------------------------------------------- models
+
+    def recipe(self, row: Row) -> api.Recipe:
+        rec = self.config.reconstruction
+        if row.iters:
+            rec = dataclasses.replace(rec, iters=row.iters)
+        return api.Recipe(
+            row.method,
+            row.bits,
+            row.candidates,
+            self.config.quant,
+            rec,
+            self.config.seed,
+            learn=row.iters != 0,
+            act_bits=row.act_bits,
+        )
+
+    def model(self, row: Row) -> tuple[torch.nn.Module, Allocation | None]:
+        """The row's model: the float one, a saved quantized one, or quantized now (and saved)."""
+        if not get_method(row.method).quantizes:
+            return self.float_model, None
+        recipe = self.recipe(row)
+        state_path = self.dir / "models" / f"{row.name}.pt"
+        key = self.row_key(row)
+        allocation = api.allocate_bits(self.shared_importance(), recipe)
+        config = api.quant_config(recipe, allocation)
+        if state_path.exists():
+            saved = torch.load(state_path, map_location="cpu", weights_only=False)
+            if saved["key"] == key:
+                model = copy.deepcopy(self.float_model)
+                quantize(model, config)
+                for name in saved["float_layers"]:
+                    parent, _, child = name.rpartition(".")
+                    setattr(model.get_submodule(parent), child, model.get_submodule(name).to_float())
+                model.load_state_dict(saved["state"])
+                log.info("  %s: reusing %s", row.name, state_path)
+                return model, allocation
+        start = time.perf_counter()
+        result = api.quantize_sam2(
+            self.float_model,
+            self.data.calibration,
+            recipe,
+            self.dir / "rows" / row.name,
+            self.shared_importance(),
+        )
+        log.info("  %s: quantized in %.1f s", row.name, time.perf_counter() - start)
+        if get_method(row.method).act_observer != "dynamic":
+            from mqsam2.quant.swap import quantized_layers
+
+            kept = sorted(set(config.plan or {}) - set(quantized_layers(result.model)))
+            save_torch({"key": key, "state": result.model.state_dict(), "float_layers": kept}, state_path)
+        return result.model, result.allocation
+
+    # ----------------------------------------------------------------------------------------------- run
+
+    def run(self) -> dict:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _write_json(self.dir / "config.json", {"rows": [asdict(r) for r in self.config.rows], **self.shared})
+        results = {}
+        for index, row in enumerate(self.config.rows, start=1):
+            key = self.row_key(row)
+            cells = {p: self.load_cell(self.cell_path(row, p), key) for p in self.policies(row)}
+            images = self.load_cell(self.images_path(row), key) if self.config.images else None
+            needs_images = self.config.images and images is None
+            if all(cells.values()) and not needs_images:
+                log.info("row %d/%d %s: finished earlier", index, len(self.config.rows), row.name)
+                results[row.name] = {"cells": cells, "images": images}
+                continue
+            log.info("row %d/%d %s", index, len(self.config.rows), row.name)
+            self.prepare()
+            model, allocation = self.model(row)
+            info = self.row_info(row, allocation)
+            for policy, cell in cells.items():
+                if cell is None:
+                    cells[policy] = self.score_cell(row, model, policy, key, info)
+            if needs_images and self.data.val_images:
+                images = self.score_images(row, model, key)
+            results[row.name] = {"cells": cells, "images": images}
+            del model
+        report = self.report(results)
+        log.info("compare: %s\n%s", self.dir / "table.md", report)
+        return results
+
+    def row_info(self, row: Row, allocation: Allocation | None) -> dict:
+        method = get_method(row.method)
+        info = {"row": row.name, "method": row.method, "bits": row.bits, "summary": method.summary}
+        if allocation is not None:
+            info |= {
+                "weight_avg_bits": allocation.average_bits,
+                "act_avg_bits": allocation.act_average_bits,
+                "iters": self.recipe(row).reconstruction.iters
+                if method.reconstruction != "none" and row.iters != 0
+                else 0,
+            }
+        return info
+
+    def score_cell(self, row: Row, model: torch.nn.Module, policy: str, key: str, info: dict) -> dict:
+        start = time.perf_counter()
+        references = self.reference(policy)
+        preds = references if model is self.float_model else self.track_all(model, policy)
+        scores = score_clips(preds, references, self.data.val_videos, self.prompts)
+        cell = {
+            "key": key,
+            **info,
+            "memory": policy,
+            **aggregate(scores),
+            "clips": [asdict(s) for s in scores],
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        _write_json(self.cell_path(row, policy), cell)
+        log.info(
+            "  %s / %s: J&F %.4f, fidelity %.4f (%.0f s)",
+            row.name,
+            policy,
+            cell.get("J&F", float("nan")),
+            cell.get("fidelity/J&F", float("nan")),
+            cell["seconds"],
+        )
+        return cell
+
+    def score_images(self, row: Row, model: torch.nn.Module, key: str) -> dict:
+        images, dets = self.data.val_images, self.config.detections
+        cell = {"key": key, "mAP": mask_map(model, images, dets)["mAP"]}
+        cell["fidelity/mAP"] = mask_map(model, images, dets, reference=self.float_model)["mAP"]
+        _write_json(self.images_path(row), cell)
+        return cell
+
+    # ---------------------------------------------------------------------------------------------- report
+
+    def report(self, results: dict) -> str:
+        table = format_report(results, self.config)
+        write_text(self.dir / "table.md", table + "\n")
+        _write_json(
+            self.dir / "per_clip.json",
+            {f"{row}/{p}": cell["clips"] for row, r in results.items() for p, cell in r["cells"].items()},
+        )
+        plot_report(results, self.config, self.dir / "table.png")
+        return table
+
+
+def _difference_cell(results: dict, row: str, policy: str, config: CompareConfig) -> str:
+    if config.baseline is None or row == config.baseline:
+        return "-"
+    base_cells = results[config.baseline]["cells"]
+    base = base_cells.get(policy) or next(iter(base_cells.values()))
+    cell = results[row]["cells"][policy]
+    if "fidelity/J&F" not in cell or "fidelity/J&F" not in base:
+        return "-"
+    diff, low, high = fidelity_difference(
+        [ClipScore(**c) for c in cell["clips"]], [ClipScore(**c) for c in base["clips"]], config.bootstrap
+    )
+    return f"{diff:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def format_report(results: dict, config: CompareConfig) -> str:
+    """The Markdown table: one line per cell, fidelity differences to the baseline with bootstrap intervals."""
+    level = f"{config.bootstrap.level:.0%}"
+    header = [
+        "row",
+        "memory",
+        "W bits",
+        "A bits",
+        "iters",
+        "J",
+        "F",
+        "J&F",
+        "fidelity J&F",
+        f"Δ fidelity vs {config.baseline or '-'} ({level} CI)",
+        "mAP",
+        "fidelity mAP",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def fmt(value, spec=".3f"):
+        return "-" if value is None else format(value, spec)
+
+    for row, result in results.items():
+        images = result.get("images") or {}
+        for policy, cell in result["cells"].items():
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        row,
+                        policy,
+                        fmt(cell.get("weight_avg_bits"), ".2f"),
+                        fmt(cell.get("act_avg_bits"), ".2f"),
+                        str(cell.get("iters", "-")),
+                        fmt(cell.get("J")),
+                        fmt(cell.get("F")),
+                        fmt(cell.get("J&F")),
+                        fmt(cell.get("fidelity/J&F")),
+                        _difference_cell(results, row, policy, config),
+                        fmt(images.get("mAP")),
+                        fmt(images.get("fidelity/mAP")),
+                    ]
+                )
+                + " |"
+            )
+    return "\n".join(lines)
+
+
+def plot_report(results: dict, config: CompareConfig, path: Path) -> Path:
+    """Fidelity J&F (and J&F against labels) per cell as horizontal bars."""
+    labels, fidelity, accuracy = [], [], []
+    for row, result in results.items():
+        for policy, cell in result["cells"].items():
+            labels.append(f"{row} ({policy})")
+            fidelity.append(cell.get("fidelity/J&F", np.nan))
+            accuracy.append(cell.get("J&F", np.nan))
+    figure = Figure(figsize=(8.0, 1.0 + 0.32 * len(labels)), layout="constrained")
+    axes = figure.add_subplot()
+    positions = np.arange(len(labels))
+    axes.barh(positions - 0.2, fidelity, height=0.4, label="fidelity J&F (vs float masks)")
+    axes.barh(positions + 0.2, accuracy, height=0.4, label="J&F (vs labels)")
+    axes.set(yticks=positions, yticklabels=labels, xlim=(0, 1), xlabel="score", title=config.name)
+    axes.invert_yaxis()
+    axes.legend(loc="lower right", fontsize="small")
+    figure.savefig(path, dpi=130)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+
+def parser() -> ArgumentParser:
+    cli = ArgumentParser(prog="python -m mqsam2.compare", description=__doc__, default_env=False)
+    cli.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
+    cli.add_class_arguments(CompareConfig, as_group=False)
+    return cli
+
+
+def parse_config(argv: list[str] | None = None) -> CompareConfig:
+    cli = parser()
+    values = cli.instantiate(cli.parse_args(argv))
+    return CompareConfig(**{k: v for k, v in vars(values).items() if k in CompareConfig.__dataclass_fields__})
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s mqsam2 | %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
+    )
+    return run_command(
+        lambda: Grid(parse_config(argv)).run(),
+        on_stop="finished cells are kept; rerun the same command to continue the grid",
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

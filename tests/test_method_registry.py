@@ -1,0 +1,76 @@
+"""The methods that predate the registry give the same result through it (`mqsam2.api`) as through the manual
+path they used before: quantize + calibration with the method's observers, and `allocate` with its keys."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from mqsam2.allocation import allocate
+from mqsam2.api import Recipe, allocate_bits, measure_importance, quant_config, quantize_sam2
+from mqsam2.data import calibration_set, ensure_synth
+from mqsam2.quant import QuantConfig, calibration, quantize
+from mqsam2.workload import Workload
+
+# OMSE differs from these only by its observer names, and its per-channel weight search takes minutes here
+OBSERVERS = {
+    "minmax": ("minmax", "minmax"),
+    "percentile": ("percentile", "percentile"),
+    "dynamic": ("minmax", "dynamic"),
+}
+
+
+@pytest.fixture(scope="module")
+def image_workload(tmp_path_factory):
+    shards = ensure_synth(tmp_path_factory.mktemp("synth"), videos=1, frames=4, size=256, images=1)
+    data = calibration_set(shards.videos, shards.images, 1, 3, 1, image_size=256, seed=0)
+    return Workload([], data.images, max_objects=1)
+
+
+@pytest.fixture(scope="module")
+def float_model():
+    from mqsam2.models import build_sam2
+
+    return build_sam2("t", image_size=256)
+
+
+@pytest.fixture(scope="module")
+def importance(float_model, image_workload):
+    return measure_importance(float_model, image_workload, QuantConfig(), measured_widths=[3, 4, 5])
+
+
+@pytest.mark.parametrize("method", list(OBSERVERS))
+def test_uniform_methods_match_the_manual_path_bit_for_bit(method, float_model, image_workload, importance):
+    recipe = Recipe(method=method, bits=4, quant=QuantConfig(observer_sample_size=4096))
+    through_registry = quantize_sam2(float_model, image_workload, recipe, importance=importance).model
+    weight_observer, act_observer = OBSERVERS[method]
+    manual = quantize(
+        copy.deepcopy(float_model),
+        QuantConfig(
+            bits=4, weight_observer=weight_observer, act_observer=act_observer, observer_sample_size=4096
+        ),
+    )
+    with calibration(manual):
+        image_workload.run_full(manual)
+    expected = manual.state_dict()
+    state = through_registry.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[key], expected[key]) for key in expected)
+
+
+def test_mixed_methods_allocate_as_allocate_does(importance):
+    for method, error, activations in (
+        ("mixqsam2", "pow2", "shared"),
+        ("mixqsam2-measured", "measured", "separate"),
+    ):
+        recipe = Recipe(method=method, bits=4)
+        via_registry = allocate_bits(importance, recipe)
+        direct = allocate(
+            importance, method="ilp", target_avg=4, candidates=[3, 4, 5], error=error, activations=activations
+        )
+        assert (via_registry.bits, via_registry.act_bits) == (direct.bits, direct.act_bits)
+        config = quant_config(recipe, via_registry)
+        assert (config.plan, config.act_plan) == (direct.plan, direct.act_plan)
+        assert not config.quantize_attention and config.attention_probs == "uniform"

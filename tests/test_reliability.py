@@ -1,0 +1,368 @@
+"""The commands' reliability contract (docs/reliability.md), each case a real command in its own process
+(tests/cli_runner.py) on a tiny run: random-init SAM2.1-tiny at 64 px, one 3-frame clip and one image, two
+Hiera blocks reconstructed for 4 steps each.
+
+- Bad input: exit status 2, one line naming the problem and the fix, and nothing written.
+- Interruptions: SIGKILL, SIGTERM and SIGINT at several points (real signals, sent by the process to itself at
+  an exact function call); the status is never 0, a stop is one line, and the rerun ends with an export
+  bit-identical to an uninterrupted run's, every unit recorded once and no temporary left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mqsam2.config import config_dict, parse_config
+from mqsam2.export.card import card_paths
+from mqsam2.files import write_text
+from mqsam2.rundir import RunDir
+from tests.cli_runner import Fault, Runner
+
+TINY = """\
+name: tiny
+model: {size: t, image_size: 64}
+data: {synth_videos: 1, synth_frames: 3, synth_size: 64, synth_images: 1,
+       calib_videos: 1, calib_frames: 3, calib_images: 1, calib_objects: 1}
+quant: {observer_sample_size: 4096}
+reconstruction: {units: [image_encoder.trunk.blocks.0, image_encoder.trunk.blocks.1], iters: 4, batch_size: 2,
+                 checkpoint_every: 1, accelerator: cpu, devices: 1}
+evaluation: {enabled: false}
+logging: {wandb: false}
+"""
+UNITS = ("image_encoder.trunk.blocks.0", "image_encoder.trunk.blocks.1")
+
+
+@dataclass
+class Tiny:
+    root: Path
+    config: Path
+    synth: Path
+    run: RunDir  # finished, uninterrupted: the reference
+
+    def args(self, run_root: Path, *extra: str) -> list[str]:
+        return [
+            "--config",
+            str(self.config),
+            "--run_root",
+            str(run_root),
+            "--data.root",
+            str(self.synth),
+            *extra,
+        ]
+
+
+@pytest.fixture(scope="session")
+def runner(tmp_path_factory) -> Runner:
+    env = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"}
+    return Runner(tmp_path_factory.mktemp("commands"), env)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory, runner) -> Tiny:
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "tiny.yaml").write_text(TINY)
+    tiny = Tiny(root, root / "tiny.yaml", root / "synth", RunDir(root / "runs" / "tiny"))
+    done = runner("fit", *tiny.args(root / "runs"))
+    assert done.status == 0, done.describe()
+    assert [r["unit"] for r in tiny.run.unit_records()] == list(UNITS)
+    return tiny
+
+
+def _files(path: Path) -> set[str]:
+    return {str(p.relative_to(path)) for p in path.rglob("*")} if path.exists() else set()
+
+
+# ---- bad input: one line, exit status 2, nothing written -----------------------------------------------------
+
+
+def _write(root: Path, name: str, content: bytes | str) -> Path:
+    path = root / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+FIT_CASES = {
+    # id: (extra arguments, with {root} for the case's folder; the message (regex))
+    "unknown choice": (
+        ["--allocation.method", "foo"],
+        r"error: allocation\.method: 'foo' is not one of ilp, greedy, uniform \(see python -m mqsam2\.fit --help\)",
+    ),
+    "unknown option": (
+        ["--reconstruction.itres", "3"],
+        r"error: unrecognized arguments: --reconstruction\.itres 3",
+    ),
+    "bad YAML": (
+        ["--config", "{root}/broken.yaml"],
+        r"error: \S+/broken\.yaml:4:1: invalid YAML \(while parsing a flow sequence from line 3: expected ',' or ']'.*\); fix the file",
+    ),
+    "missing config file": (
+        ["--config", "{root}/nope.yaml"],
+        r"error: cannot read config file \S+/nope\.yaml",
+    ),
+    "infeasible budget": (
+        ["--allocation.target_avg", "6"],
+        r"error: target_avg=6\.0 is outside the feasible range \[3, 5\] of candidates \[3, 4, 5\]: change",
+    ),
+    "no candidates": (
+        ["--allocation.candidates", "[]"],
+        r"error: no candidate bit-widths: give allocation\.candidates",
+    ),
+    "overflowing learning rate": (
+        ["--reconstruction.lr_rounding", "1e38"],
+        r"error: reconstruction\.lr_rounding 1e\+38 must lie in \(0, 1\]",
+    ),
+    "unknown unit": (
+        ["--reconstruction.units", "[image_encoder.trunk.blocks.99]"],
+        r"error: reconstruction\.units names no unit image_encoder\.trunk\.blocks\.99 of SAM2 t in mode qdrop; its "
+        r"units are: image_encoder\.trunk\.blocks\.0, image_encoder\.trunk\.blocks\.1, ",
+    ),
+    "random-bytes checkpoint": (
+        ["--model.checkpoint", "{root}/random.pt"],
+        r"error: cannot read SAM2 checkpoint \S+/random\.pt: damaged or not a PyTorch file \(\w+\); download it again",
+    ),
+    "missing checkpoint": (
+        ["--model.checkpoint", "{root}/nope.pt"],
+        r"error: SAM2 checkpoint not found: \S+/nope\.pt",
+    ),
+    "missing shards": (
+        ["--data.video_shards", "[{root}/nope/sav-*.tar]", "--data.image_shards", "[{root}/nope]"],
+        r"error: \S+/nope/sav-\*\.tar: no file matches this pattern; check the path",
+    ),
+    "empty shard folder": (
+        ["--data.video_shards", "[{root}/empty]", "--data.image_shards", "[{root}/empty]"],
+        r"error: \S+/empty: no \.tar shards in this folder",
+    ),
+    "run_root under a file": (
+        ["--run_root", "{root}/a-file/runs"],
+        r"error: cannot use \S+/a-file/runs/tiny: part of the path is a file, not a folder; check the path",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(FIT_CASES))
+def test_fit_refuses_bad_input_in_one_line_writing_nothing(tiny, runner, tmp_path, case):
+    extra, message = FIT_CASES[case]
+    _write(tmp_path, "broken.yaml", "model:\n  size: t\n  image_size: [64\n")
+    _write(tmp_path, "random.pt", os.urandom(4096))
+    _write(tmp_path, "a-file", "")
+    (tmp_path / "empty").mkdir()
+    before = _files(tmp_path)
+    result = runner("fit", *tiny.args(tmp_path / "runs", *(a.format(root=tmp_path) for a in extra)))
+    assert result.status == 2, result.describe()
+    assert re.fullmatch(message + ".*", result.one_line()), result.describe()
+    assert _files(tmp_path) == before  # no run directory, no config.yaml, nothing else
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_artifact(tiny, runner, tmp_path):
+    """The file-size limit stands in for a full disk: calibrated.pt (150 MB) cannot be written."""
+    result = runner("fit", *tiny.args(tmp_path), file_size_limit=16 << 20)
+    assert result.status == 2, result.describe()
+    line = result.one_line()
+    assert (
+        line
+        == f"error: cannot use {tmp_path}/tiny/calibrated.pt: file too large (disk or file-size limit); free space or raise the limit"
+    )
+    assert {"config.yaml", "importance.json", "plan.json"} <= _files(tmp_path / "tiny")
+    assert not any(name.startswith(("calibrated", ".calibrated")) for name in _files(tmp_path / "tiny"))
+
+
+# ---- the export command ---------------------------------------------------------------------------------------
+
+
+def test_export_of_a_run_with_a_subset_of_units_matches_the_fits_own_export(tiny, runner, tmp_path):
+    result = runner("export", "--run", str(tiny.run.path), "--out", str(tmp_path / "again.mq"))
+    assert result.status == 0, result.describe()
+    assert (tmp_path / "again.mq").read_bytes() == tiny.run.export.read_bytes()
+
+
+EXPORT_CASES = {
+    "random bytes": (
+        lambda root, run: ["--model", str(_write(root, "random.pt", os.urandom(4096)))],
+        r"error: cannot read quantized model \S+: damaged or not a PyTorch file \(\w+\); give a file written by",
+    ),
+    "a torch file that is no quantized model": (
+        lambda root, run: ["--model", str(_saved(root / "other.pt", {"weights": torch.ones(2)}))],
+        r"error: \S+/other\.pt is not an mqsam2 quantized model \(expected format mqsam2-fakequant-v1\)",
+    ),
+    "not a run directory": (
+        lambda root, run: ["--run", str(root)],
+        r"error: \S+ is not a fit run directory: config\.yaml is missing",
+    ),
+    "unfinished run": (
+        lambda root, run: ["--run", str(_unfinished(run, root))],
+        r"error: run \S+ is unfinished: unit image_encoder\.trunk\.blocks\.1 has no qdrop\.pt; finish it with",
+    ),
+    "output under a file": (
+        lambda root, run: ["--run", str(run.path), "--out", str(_write(root, "a-file", "")) + "/x.mq"],
+        r"error: cannot use \S+/a-file/x\.mq: part of the path is a file, not a folder",
+    ),
+    "no source": (
+        lambda root, run: [],
+        r"error: one of the arguments --run --model is required \(see python -m mqsam2\.export --help\)",
+    ),
+}
+
+
+def _saved(path: Path, obj) -> Path:
+    torch.save(obj, path)
+    return path
+
+
+def _unfinished(run: RunDir, root: Path) -> Path:
+    copy = root / "unfinished"
+    shutil.copytree(run.path, copy, ignore=shutil.ignore_patterns("image_encoder.trunk.blocks.1", "export"))
+    return copy
+
+
+@pytest.mark.parametrize("case", list(EXPORT_CASES))
+def test_export_refuses_bad_input_in_one_line(tiny, runner, tmp_path, case):
+    arguments, message = EXPORT_CASES[case]
+    result = runner("export", *arguments(tmp_path, tiny.run))
+    assert result.status == 2, result.describe()
+    assert re.fullmatch(message + ".*", result.one_line()), result.describe()
+    assert not list(tmp_path.rglob("*.mq")) and not list(tmp_path.rglob(".*.tmp"))
+
+
+# ---- the data command -----------------------------------------------------------------------------------------
+
+DATA_CASES = {
+    "output under a file": (
+        ["synth", "--out", "{root}/a-file/shards", "--videos", "1", "--images", "0"],
+        r"error: cannot use \S+/a-file/shards: part of the path is a file, not a folder",
+    ),
+    "unknown command": (
+        ["convert-everything"],
+        r"error: argument command: invalid choice: 'convert-everything'",
+    ),
+    "missing annotations": (
+        ["convert-coco", "--images", "{root}", "--annotations", "{root}/nope.json", "--out", "{root}/out"],
+        r"error: \S+/nope\.json: no such annotations file; give the instances_\*\.json path",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(DATA_CASES))
+def test_data_refuses_bad_input_in_one_line(runner, tmp_path, case):
+    arguments, message = DATA_CASES[case]
+    _write(tmp_path, "a-file", "")
+    result = runner("data", *(a.format(root=tmp_path) for a in arguments))
+    assert result.status == 2, result.describe()
+    assert re.fullmatch(message + ".*", result.one_line()), result.describe()
+    assert not (tmp_path / "out").exists()
+
+
+# ---- interruptions: a real signal at an exact point, then a rerun to the same export ---------------------------
+
+STARTS = {  # the artifacts of the reference run a case starts from (as an earlier, finished attempt left them)
+    "nothing": (),
+    "allocated": ("config.yaml", "importance.json", "plan.json", "allocation.png"),
+    "calibrated": ("config.yaml", "importance.json", "plan.json", "allocation.png", "calibrated.pt"),
+}
+KILLS = {
+    # id: (start, the fault, exit status, the stop line (None for SIGKILL), files that must exist after the stop,
+    #      files that must not)
+    "SIGTERM during importance": (
+        "nothing",
+        Fault("mqsam2.importance:ImportanceCollector.compute", signal.SIGTERM),
+        143, "stopped by SIGTERM: the run is unfinished; rerun the same command to resume it",
+        {"config.yaml"}, {"importance.json"},
+    ),
+    "SIGKILL while writing calibrated.pt": (
+        "allocated",
+        Fault("mqsam2.files:_KeepsWriteErrors.write", signal.SIGKILL, call=20),
+        -9, None, {".calibrated.pt.tmp"}, {"calibrated.pt"},
+    ),
+    "SIGKILL between a unit's state and units.jsonl": (
+        "calibrated",
+        Fault("mqsam2.rundir:RunDir.write_unit_log", signal.SIGKILL, call=2),
+        -9, None, {f"units/{UNITS[0]}/qdrop.pt", f"units/{UNITS[0]}/qdrop.json"}, {f"units/{UNITS[1]}"},
+    ),
+    "SIGINT while capturing a unit": (
+        "calibrated",
+        Fault("mqsam2.reconstruct.driver:Reconstructor.capture", signal.SIGINT, call=2),
+        130, "stopped by SIGINT: the run is unfinished; rerun the same command to resume it",
+        {f"units/{UNITS[0]}/qdrop.pt"}, {f"units/{UNITS[1]}"},
+    ),
+    "SIGTERM in the middle of a unit's fit": (
+        "calibrated",
+        Fault("mqsam2.reconstruct.module:UnitReconstruction.training_step", signal.SIGTERM, call=6),
+        143, "stopped by SIGTERM: the run is unfinished; rerun the same command to resume it",
+        {f"units/{UNITS[1]}/qdrop/last.ckpt"}, {f"units/{UNITS[1]}/qdrop.pt"},
+    ),
+    "SIGKILL in the middle of a unit's fit": (
+        "calibrated",
+        Fault("mqsam2.reconstruct.module:UnitReconstruction.training_step", signal.SIGKILL, call=7),
+        -9, None, {f"units/{UNITS[1]}/qdrop/last.ckpt"}, {f"units/{UNITS[1]}/qdrop.pt"},
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(KILLS))
+def test_an_interrupted_run_reruns_to_a_bit_identical_export(tiny, runner, tmp_path, case):
+    start, fault, status, line, present, absent = KILLS[case]
+    run = RunDir(tmp_path / "tiny")
+    run.path.mkdir()
+    for name in STARTS[start]:
+        shutil.copy(tiny.run.path / name, run.path / name)
+    first = ["--allocation.target_avg", "4.5"] if start == "nothing" else []  # a config later corrected
+    stopped = runner("fit", *tiny.args(tmp_path, *first), fault=fault)
+    assert stopped.status == status, stopped.describe()
+    assert (stopped.one_line() if line else stopped.messages) == (line or [])
+    files = _files(run.path)
+    assert present <= files and not absent & files, files
+    assert not run.export.exists()
+
+    rerun = runner("fit", *tiny.args(tmp_path))
+    assert rerun.status == 0, rerun.describe()
+    assert run.export.read_bytes() == tiny.run.export.read_bytes()
+    assert [r["unit"] for r in run.unit_records()] == list(UNITS)
+    assert not [name for name in _files(run.path) if name.endswith(".tmp")]
+
+
+# ---- a unit that reconstruction makes worse ---------------------------------------------------------------------
+
+
+def test_a_unit_made_worse_stops_the_run_or_keeps_round_to_nearest(tiny, runner, tmp_path):
+    """Adam at lr 1 throws the rounding variables around: the first unit ends far above its round-to-nearest
+    error. The run stops with one line; rerun with on_blowup=keep_rtn it keeps that unit's calibrated weights,
+    says so, and the model card lists it."""
+    hot = ["--reconstruction.lr_rounding", "1", "--reconstruction.lr_act", "1"]
+    run = RunDir(tmp_path / "tiny")
+    for name in STARTS["calibrated"][1:]:  # the stages before reconstruction do not read the learning rates
+        run.path.mkdir(exist_ok=True)
+        shutil.copy(tiny.run.path / name, run.path / name)
+    write_text(run.config_file, yaml.safe_dump(config_dict(parse_config(tiny.args(tmp_path, *hot)))))
+
+    stopped = runner("fit", *tiny.args(tmp_path, *hot))
+    assert stopped.status == 2, stopped.describe()
+    assert re.fullmatch(
+        rf"error: unit {re.escape(UNITS[0])} \(qdrop\): reconstruction made its output error [\d.]+x worse "
+        r"\([\d.]+ -> [\d.]+\), beyond reconstruction\.max_error_growth=2: rerun with --reconstruction\.on_blowup "
+        r"keep_rtn to keep round-to-nearest weights for such units \(finished units are kept\), or start a new "
+        r"run with lower reconstruction\.lr_rounding / lr_act",
+        stopped.one_line(),
+    )
+    assert not run.phase_state(UNITS[0], "qdrop").exists() and not run.export.exists()
+
+    kept = runner("fit", *tiny.args(tmp_path, *hot, "--reconstruction.on_blowup", "keep_rtn"))
+    assert kept.status == 0, kept.describe()
+    assert "keeping its round-to-nearest weights" in kept.stdout + kept.stderr
+    record = run.unit_records()[0]
+    # the same float32 evaluation of the same weights, possibly reduced in another order: float32 rounding
+    assert record["kept_rtn"] and record["error_after"] == pytest.approx(record["error_before"], rel=1e-5)
+    assert record["reconstructed_error"] > 2 * record["error_before"]
+    card = json.loads(card_paths(run.export)[1].read_text())
+    assert UNITS[0] in card["method"]["units_kept_round_to_nearest"]
+    calibrated = torch.load(run.calibrated, weights_only=True)
+    state = torch.load(run.phase_state(UNITS[0], "qdrop"), weights_only=True)
+    assert all(torch.equal(value, calibrated[f"{UNITS[0]}.{key}"]) for key, value in state.items())
