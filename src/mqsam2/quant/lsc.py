@@ -155,10 +155,11 @@ class ClippingSession:
             return hook
 
         handles = [q.register_forward_pre_hook(collect(name)) for name, q in self.inputs.items()]
+        device = next(self.unit.module.parameters()).device
         try:
             picked = [i for group in cache.groups for i in group][: self.config.init_samples]
             for index in picked:
-                batch = cache.batch([index])
+                batch = cache.batch([index], device=device).to(device, torch.float32)
                 args, kwargs = batch.unflatten(batch.inputs_q)
                 self.unit.module(*args, **kwargs)
         finally:
