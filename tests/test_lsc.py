@@ -106,14 +106,16 @@ def test_clipping_starts_at_the_calibrated_range_and_ends_as_an_affine_quantizer
 def test_qsam2_recipe_at_w2a4_runs_and_leaves_plain_2_bit_quantizers(tmp_path):
     """Calibration and LSC on two units of a random-init tiny SAM2 at 64 px through the library front door: the
     result holds ordinary affine quantizers, weights at 2 bits and inputs at 4, and the units' output errors
-    fall. (VRC, Q-SAM2's first step, has its own tests; its float64 solves over the whole encoder would cost
-    this CPU test half a minute, so the recipe runs here without it.)"""
-    assert QSAM2.before_quantize is vrc_before_quantize
+    fall. Two parts of the registered method are swapped for cheap ones, each tested elsewhere: VRC (its float64
+    solves over the whole encoder) and the OMSE observers (their weight search), which cost minutes on a CPU."""
+    assert QSAM2.before_quantize is vrc_before_quantize and QSAM2.weight_observer == "mse"
     float_model = build_sam2("t", image_size=EVAL_IMAGE_SIZE)
     workload = Workload([make_clip(num_frames=4, num_objects=1)], [], max_objects=1)
     units = ["memory_attention.layers.0", "obj_ptr_proj"]
     recipe = Recipe(
-        method=dataclasses.replace(QSAM2, before_quantize=None),
+        method=dataclasses.replace(
+            QSAM2, before_quantize=None, weight_observer="minmax", act_observer="minmax"
+        ),
         bits=2,
         act_bits=4,
         reconstruction=ReconstructionConfig(

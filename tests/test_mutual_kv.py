@@ -19,6 +19,8 @@ from mqsam2.memory import (
     set_memory_policy,
 )
 from mqsam2.memory.mutual_kv import group_frames, shared_memory_kv
+from mqsam2.methods import Method
+from mqsam2.methods.qminisam2 import QMINISAM2_MKV
 from mqsam2.models import build_sam2
 from mqsam2.quant import QuantConfig, quantize
 from mqsam2.workload import Workload
@@ -148,10 +150,15 @@ def test_log_size_term_refuses_quantized_attention_matmuls():
         pass
 
 
-def test_qminisam2_mkv_quantizes_under_fifo_and_returns_a_mutual_kv_tracker(tmp_path):
+def test_a_methods_memory_policy_is_applied_after_quantizing_under_fifo(tmp_path):
+    """`qminisam2-mkv` is Q-MiniSAM2 with `memory_policy="mutual-kv"`; a method with that field (cheap min-max
+    observers here: the registered one's OMSE weight search costs minutes on a CPU) comes back tracking with
+    Mutual-KV, the float model untouched."""
+    assert QMINISAM2_MKV.memory_policy == "mutual-kv" and QMINISAM2_MKV.video_loss == "hvq"
     float_model = build_sam2("t", image_size=EVAL_IMAGE_SIZE)
     workload = Workload([make_clip(num_frames=3, num_objects=1)], [], max_objects=1)
-    recipe = Recipe(method="qminisam2-mkv", bits=8, learn=False)  # calibration only: the policy is the point
+    method = Method("mkv-probe", "min-max W8A8 tracking with Mutual-KV", memory_policy="mutual-kv")
+    recipe = Recipe(method=method, bits=8, learn=False)
     model = quantize_sam2(float_model, workload, recipe, workdir=tmp_path).model
     assert type(model) is MutualKVVideoPredictor and model.memory_options == MutualKVOptions()
     assert type(float_model) is VideoPredictor
