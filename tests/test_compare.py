@@ -3,12 +3,14 @@ J&F definition, and the CLI's table, reuse of finished cells and errors on a toy
 
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mqsam2.compare import ClipScore, CompareConfig, Row, aggregate, main, paired_bootstrap
+from mqsam2.compare import ClipScore, CompareConfig, Row, aggregate, main, paired_bootstrap, parse_config
 from mqsam2.errors import MQSAM2Error
+from mqsam2.methods import get_method
 
 
 def exact_bootstrap_distribution(num, den):
@@ -45,6 +47,12 @@ def test_aggregate_averages_over_tracks_not_clips():
     out = aggregate(scores)
     assert out["J&F"] == pytest.approx(0.25) and out["tracks"] == 4
     assert out["fidelity/J&F"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("configs/compare/*.yaml")), ids=str)
+def test_every_shipped_grid_parses_and_names_registered_methods(path):
+    config = parse_config(["--config", str(path)])
+    assert all(get_method(row.method) for row in config.rows)
 
 
 def test_rows_need_distinct_names_and_a_known_baseline():

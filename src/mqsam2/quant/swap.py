@@ -176,8 +176,9 @@ def calibration(model: nn.Module, config: QuantConfig | None = None) -> Iterator
     """Run float forward passes inside the block; on exit every quantizer holds its calibrated range.
 
     Activations are observed with all quantizers off (the float network's statistics). A layer whose input
-    the calibration data never reached goes back to floating point with a warning that names it; that is an
-    error only for layers the plan names explicitly. With the `dynamic` act observer nothing is observed.
+    the calibration data never reached goes back to floating point with a warning that names it (a plan that
+    the user wrote is checked earlier, by the importance stage). With the `dynamic` act observer nothing is
+    observed.
     """
     config = config or getattr(model, "mqsam2_quant_config", QuantConfig())
     init_weight_quantizers(model, config)
@@ -213,13 +214,6 @@ def _keep_unreached_in_float(model: nn.Module, unseen: list[str], config: QuantC
     quantizers that saw none are only listed, since their module never ran."""
     suffix = ".input_quantizer"
     layers = [name.removesuffix(suffix) for name in unseen if name.endswith(suffix)]
-    explicit = sorted(set(layers) & (set(config.plan or {}) | set(config.act_plan or {})))
-    if explicit:
-        raise MQSAM2Error(
-            f"no calibration input reached {len(explicit)} layer(s) that the plan names: {', '.join(explicit)}; "
-            "add calibration data that runs them (video clips for the memory modules, images for mask-prompt "
-            "refinement) or drop them from the plan"
-        )
     for name in layers:
         _replace(model, name, model.get_submodule(name).to_float())
     if layers:  # recorded, so a saved model is rebuilt with the same structure

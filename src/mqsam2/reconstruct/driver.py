@@ -105,7 +105,7 @@ class Reconstructor:
         float_model: nn.Module,
         workload: Workload,
         config: ReconstructionConfig,
-        run_dir: RunDir,
+        run_dir: RunDir | str | Path,
         loggers: list[Logger] | None = None,
         seed: int = 0,
         only: list[str] | None = None,
@@ -114,7 +114,10 @@ class Reconstructor:
         self.model = model
         self.float_model = float_model
         self.config = config
-        self.run_dir = run_dir
+        # Imported at run time only: rundir reads the config, which reads this package.
+        from mqsam2.rundir import RunDir
+
+        self.run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         self.loggers = loggers or []
         self.seed = seed
         self.callbacks = callbacks or []
@@ -207,7 +210,9 @@ class Reconstructor:
         self, unit: Unit, phase: Phase, cache: UnitCache, rounded: dict[str, torch.Tensor] | None = None
     ) -> None:
         """Fit one phase, then check the unit's output error against its start (restoring `rounded`, the
-        unit's round-to-nearest state, when the config says to keep it) and save the result."""
+        unit's round-to-nearest state, by default its state now, when the config says to keep it) and save."""
+        if rounded is None:
+            rounded = {k: v.clone() for k, v in unit.module.state_dict().items()}
         phase_dir = self.run_dir.phase_dir(unit.name, phase.name)
         phase_dir.mkdir(parents=True, exist_ok=True)
         error_before = unit_error(unit, cache)
@@ -272,9 +277,7 @@ class Reconstructor:
                 stale.unlink()
             self._write_unit_log()
 
-    def _keep_rounded(
-        self, unit: Unit, phase: Phase, errors: dict, rounded: dict | None, cache: UnitCache
-    ) -> dict:
+    def _keep_rounded(self, unit: Unit, phase: Phase, errors: dict, rounded: dict, cache: UnitCache) -> dict:
         """Reconstruction made the unit worse than `max_error_growth` allows: stop, or (on_blowup=keep_rtn)
         restore its round-to-nearest state and return what the record should say."""
         before, after = errors["error_before"], errors["error_after"]
@@ -283,7 +286,7 @@ class Reconstructor:
             f"({before:.4g} -> {after:.4g}), beyond reconstruction.max_error_growth="
             f"{self.config.max_error_growth:g}"
         )
-        if self.config.on_blowup != "keep_rtn" or rounded is None:
+        if self.config.on_blowup != "keep_rtn":
             raise MQSAM2Error(
                 f"{what}: rerun with --reconstruction.on_blowup keep_rtn to keep round-to-nearest weights for "
                 "such units (finished units are kept), or start a new run with lower reconstruction.lr_rounding "
