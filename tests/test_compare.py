@@ -61,6 +61,7 @@ def test_rows_need_distinct_names_and_a_known_baseline():
     with pytest.raises(MQSAM2Error, match="baseline 'qdrop-w4a4' is not a row"):
         CompareConfig(rows=[Row("minmax", 4)], baseline="qdrop-w4a4")
     assert Row("mixqsam2", 4).name == "mixqsam2-avg4" and Row("fp").name == "fp"
+    assert Row("qsam2", 2, act_bits=4).name == "qsam2-w2a4" and Row("qsam2", 4).name == "qsam2-w4a4"
 
 
 @pytest.mark.slow

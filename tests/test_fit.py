@@ -39,7 +39,7 @@ def test_bad_config_value_is_a_one_line_error(capsys):
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        "error: reconstruction.mode: 'magic' is not one of qdrop, brecq, adaround, none "
+        "error: reconstruction.mode: 'magic' is not one of qdrop, brecq, adaround, lsc, none "
         "(see python -m mqsam2.fit --help)"
     ]
 

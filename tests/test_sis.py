@@ -238,8 +238,8 @@ def test_freeing_keeps_outputs_and_bounds_the_state():
 
 
 def test_unknown_policy_and_bad_options_are_clear():
-    assert set(MEMORY_POLICIES) == {"fifo", "sis"}
-    with pytest.raises(MQSAM2Error, match="unknown memory policy 'lru': use one of fifo, sis"):
+    assert set(MEMORY_POLICIES) == {"fifo", "sis", "mutual-kv"}
+    with pytest.raises(MQSAM2Error, match="unknown memory policy 'lru': use one of fifo, sis, mutual-kv"):
         build_sam2("t", image_size=EVAL_IMAGE_SIZE, memory_policy="lru")
     with pytest.raises(MQSAM2Error, match="k <= capacity"):
         build_sam2("t", image_size=EVAL_IMAGE_SIZE, memory_policy="sis", memory_overrides={"k": 9})

@@ -25,6 +25,7 @@ from mqsam2.allocation import Allocation, allocate
 from mqsam2.config import ReconstructionConfig
 from mqsam2.errors import MQSAM2Error
 from mqsam2.importance import ImportanceCollector, LayerImportance
+from mqsam2.memory.policies import set_memory_policy
 from mqsam2.methods import Method, get_method
 from mqsam2.quant import calibration, quantizable_layers, quantize
 from mqsam2.quant.swap import QuantConfig
@@ -37,15 +38,23 @@ log = logging.getLogger(__name__)
 @dataclass
 class Recipe:
     """One quantization: a registered method at a width (uniform WbAb, or the Avg-b target of a mixed method),
-    on top of shared quantizer and reconstruction settings."""
+    on top of shared quantizer and reconstruction settings. `act_bits` gives a uniform method's activations
+    their own width (WbAa, e.g. W2A4)."""
 
-    method: str = "mixqsam2-measured"
+    method: str | Method = "mixqsam2-measured"
     bits: float = 4
     candidates: list[int] | None = None
     quant: QuantConfig = field(default_factory=QuantConfig)
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
     seed: int = 0
     learn: bool = True  # False stops after calibration: the round-to-nearest ablation of a learning method
+    act_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.act_bits is not None and self.resolved.mixed:
+            raise MQSAM2Error(
+                f"act_bits applies to uniform methods; {self.resolved.name} allocates activation widths itself"
+            )
 
     @property
     def resolved(self) -> Method:
@@ -114,13 +123,17 @@ def allocate_bits(importance: dict[str, LayerImportance], recipe: Recipe) -> All
 
 
 def quant_config(recipe: Recipe, allocation: Allocation) -> QuantConfig:
-    """The shared quantizer settings with the method's observers and the allocation's per-layer widths."""
+    """The shared quantizer settings with the method's observers and the allocation's per-layer widths (a
+    uniform recipe's `act_bits` for every input when given)."""
     method = recipe.resolved
+    act_plan = allocation.act_plan
+    if recipe.act_bits is not None:
+        act_plan = dict.fromkeys(act_plan, recipe.act_bits)
     return dataclasses.replace(
         recipe.quant,
         bits=max(allocation.bits),
         plan=allocation.plan,
-        act_plan=allocation.act_plan,
+        act_plan=act_plan,
         weight_observer=method.weight_observer,
         act_observer=method.act_observer,
         quantize_attention=recipe.quant.quantize_attention or method.quantize_attention,
@@ -185,10 +198,16 @@ def quantize_sam2(
         allocation = allocate_bits(importance, recipe)
     config = quant_config(recipe, allocation)
     model = quantize_calibrated(float_model, config, workload, method)
-    rec = dataclasses.replace(recipe.reconstruction, mode=method.reconstruction if recipe.learn else "none")
+    rec = dataclasses.replace(
+        recipe.reconstruction,
+        mode=method.reconstruction if recipe.learn else "none",
+        video_loss=method.video_loss,
+    )
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="mqsam2-") as tmp:
             reconstruct(model, float_model, workload, rec, tmp, seed=recipe.seed)
     else:
         reconstruct(model, float_model, workload, rec, workdir, seed=recipe.seed)
+    if method.memory_policy is not None:
+        set_memory_policy(model, method.memory_policy)
     return QuantizedSAM2(model, allocation)

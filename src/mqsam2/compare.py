@@ -47,9 +47,10 @@ log = logging.getLogger("mqsam2")
 
 @dataclass
 class Row:
-    """One method at one width: uniform WbAb, or Avg-b for mixed methods (candidates {b-1, b, b+1} unless
-    given). `memory` and `iters` override the grid's policies and reconstruction iterations for this row;
-    `iters: 0` stops a learning method after calibration (its round-to-nearest ablation)."""
+    """One method at one width: uniform WbAb (WbAa with `act_bits`), or Avg-b for mixed methods (candidates
+    {b-1, b, b+1} unless given). `memory` and `iters` override the grid's policies and reconstruction
+    iterations for this row; `iters: 0` stops a learning method after calibration (its round-to-nearest
+    ablation)."""
 
     method: str
     bits: float = 4
@@ -57,6 +58,7 @@ class Row:
     candidates: list[int] | None = None
     memory: list[str] | None = None
     iters: int | None = None
+    act_bits: int | None = None
 
     @property
     def name(self) -> str:
@@ -65,7 +67,7 @@ class Row:
         method = get_method(self.method)
         if not method.quantizes:
             return "fp"
-        width = f"avg{self.bits:g}" if method.mixed else f"w{self.bits:g}a{self.bits:g}"
+        width = f"avg{self.bits:g}" if method.mixed else f"w{self.bits:g}a{self.act_bits or self.bits:g}"
         return f"{self.method}-{width}"
 
 
@@ -314,6 +316,7 @@ class Grid:
             rec,
             self.config.seed,
             learn=row.iters != 0,
+            act_bits=row.act_bits,
         )
 
     def model(self, row: Row) -> tuple[torch.nn.Module, Allocation | None]:

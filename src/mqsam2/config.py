@@ -21,11 +21,14 @@ from mqsam2.allocation import check_budget
 from mqsam2.errors import MQSAM2Error
 from mqsam2.models import check_image_size, config_name
 from mqsam2.quant.affine import check_bits
+from mqsam2.quant.lsc import LSCConfig
 from mqsam2.quant.swap import QuantConfig
 from mqsam2.reconstruct.capture import CAPTURE_MODES
+from mqsam2.reconstruct.hvq import HVQConfig
 from mqsam2.reconstruct.units import UNIT_MODES
 
 RUNTIME = {"runtime": True}  # field metadata: how a run is executed, not what it computes
+VIDEO_LOSSES = ("mse", "hvq")
 
 
 @dataclass
@@ -90,9 +93,12 @@ class ReconstructionConfig:
     """Block-wise reconstruction (method.md §5); `iters` per unit, Lightning Trainer settings alongside;
     `units` limits it to the named units (the others keep round-to-nearest); `capture` says how each unit's
     calibration tensors are produced (mqsam2.reconstruct.capture), `cache_*` where they live during its fit
-    (mqsam2.reconstruct.placement: `cache_gb` is the GPU budget, default half of the free memory)."""
+    (mqsam2.reconstruct.placement: `cache_gb` is the GPU budget, default half of the free memory).
+    `video_loss: hvq` trains the memory attention layers and the memory encoder with Q-MiniSAM2's HVQ loss
+    (`hvq` settings) instead of the plain output error; mode `lsc` learns Q-SAM2's statistical clipping and
+    the weights (`lsc` settings)."""
 
-    mode: Literal["qdrop", "brecq", "adaround", "none"] = "qdrop"
+    mode: Literal["qdrop", "brecq", "adaround", "lsc", "none"] = "qdrop"
     units: list[str] | None = None
     iters: int = 20_000
     act_iters: int | None = None
@@ -122,6 +128,9 @@ class ReconstructionConfig:
     # about units still to come, so a stopped run may resume with them changed.
     max_error_growth: float = field(default=2.0, metadata=RUNTIME)
     on_blowup: Literal["stop", "keep_rtn"] = field(default="stop", metadata=RUNTIME)
+    video_loss: Literal["mse", "hvq"] = "mse"
+    hvq: HVQConfig = field(default_factory=HVQConfig)
+    lsc: LSCConfig = field(default_factory=LSCConfig)
 
     def __post_init__(self) -> None:
         if self.mode not in UNIT_MODES:
@@ -148,6 +157,10 @@ class ReconstructionConfig:
             raise MQSAM2Error(f"reconstruction.max_error_growth {self.max_error_growth:g} must be at least 1")
         if not 0.0 <= self.drop_prob < 1.0:
             raise MQSAM2Error(f"reconstruction.drop_prob {self.drop_prob} must lie in [0, 1)")
+        if self.video_loss not in VIDEO_LOSSES:
+            raise MQSAM2Error(
+                f"reconstruction.video_loss {self.video_loss!r} is unknown: use one of {', '.join(VIDEO_LOSSES)}"
+            )
 
 
 @dataclass
@@ -156,7 +169,7 @@ class EvaluationConfig:
     with the same observers (one per entry of `baselines`) and this run's model, under each memory policy."""
 
     enabled: bool = True
-    memory: list[Literal["fifo", "sis"]] = field(default_factory=lambda: ["fifo", "sis"])
+    memory: list[Literal["fifo", "sis", "mutual-kv"]] = field(default_factory=lambda: ["fifo", "sis"])
     baselines: list[int] = field(default_factory=lambda: [4])
     detections: str | None = None
     images: bool = True

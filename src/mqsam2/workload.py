@@ -14,6 +14,7 @@ from mqsam2.errors import MQSAM2Error
 from mqsam2.evaluate import clip_prompts
 from mqsam2.memory.predictor import VideoPredictor
 from mqsam2.models import TensorImagePredictor
+from mqsam2.reconstruct.positions import tracking_clip
 
 
 @dataclass
@@ -50,9 +51,13 @@ class Workload:
     @torch.inference_mode()
     def run_full(self, model: VideoPredictor) -> None:
         """Every clip tracked from its prompts (memory attention, memory encoder and mask decoder see their
-        deployment inputs), and every image segmented from its boxes."""
-        for clip in self.videos:
-            model.track_clip(clip.frames, clip.orig_size, clip_prompts(clip, self.prompt, self.max_objects))
+        deployment inputs), and every image segmented from its boxes. Unit calls made while a clip is tracked
+        know their (clip, frame) (`mqsam2.reconstruct.positions`)."""
+        for index, clip in enumerate(self.videos):
+            with tracking_clip(model, index):
+                model.track_clip(
+                    clip.frames, clip.orig_size, clip_prompts(clip, self.prompt, self.max_objects)
+                )
         self.run_images(model)
 
     @torch.inference_mode()

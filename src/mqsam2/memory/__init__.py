@@ -1,5 +1,6 @@
-"""Video memory: the tensor-fed predictor and memory-bank policies (stock FIFO, SIS)."""
+"""Video memory: the tensor-fed predictor and memory-bank policies (stock FIFO, SIS, Mutual-KV)."""
 
+from mqsam2.memory.mutual_kv import MutualKVOptions, MutualKVVideoPredictor
 from mqsam2.memory.policies import (
     MEMORY_POLICIES,
     policy_name,
@@ -14,6 +15,8 @@ __all__ = [
     "MEMORY_POLICIES",
     "MemoryBank",
     "MemoryEntry",
+    "MutualKVOptions",
+    "MutualKVVideoPredictor",
     "Prompt",
     "SISOptions",
     "SISVideoPredictor",

@@ -6,12 +6,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from mqsam2.errors import MQSAM2Error
+from mqsam2.memory.mutual_kv import MutualKVVideoPredictor
 from mqsam2.memory.predictor import VideoPredictor
 from mqsam2.memory.sis import SISVideoPredictor
 
 MEMORY_POLICIES: dict[str, type[VideoPredictor]] = {
     "fifo": VideoPredictor,  # stock SAM2: conditioning frames + the num_maskmem - 1 most recent frames
     "sis": SISVideoPredictor,
+    "mutual-kv": MutualKVVideoPredictor,  # FIFO's frames, similar recent ones sharing one key/value (Q-MiniSAM2)
 }
 
 

@@ -15,6 +15,8 @@ from mqsam2.methods import (  # noqa: F401  (each module registers its method on
     percentile,
     ptq4sam,
     qdrop,
+    qminisam2,
+    qsam2,
 )
 from mqsam2.methods.registry import METHODS, Method, get_method, register
 

@@ -26,7 +26,11 @@ class Method:
     - quantizers: the observers that initialise weight and activation ranges (`dynamic`: per live input),
       whether attention matmuls are quantized, and the softmax probabilities' quantizer (`attention_probs`:
       `uniform` or `log2`; None keeps the recipe's).
-    - per unit: `reconstruction` is the learning recipe (`none`, `adaround`, `brecq`, `qdrop`).
+    - per unit: `reconstruction` is the learning recipe (`none`, `adaround`, `brecq`, `qdrop`, `lsc`);
+      `video_loss` the objective of the memory attention layers and the memory encoder (`mse`: output error;
+      `hvq`: Q-MiniSAM2's hierarchy-based video loss).
+    - memory: `memory_policy` is the policy the quantized model tracks with (`mqsam2.memory.MEMORY_POLICIES`;
+      None keeps stock FIFO); calibration and reconstruction always run the stock policy.
     - hooks: `before_quantize(float_model, workload)` runs on the model's copy before layers are swapped (e.g.
       an output-preserving reparametrisation); `after_calibration(model, workload)` after the observers.
     """
@@ -40,7 +44,9 @@ class Method:
     act_observer: str = "minmax"
     quantize_attention: bool = False
     attention_probs: Literal["uniform", "log2"] | None = None
-    reconstruction: Literal["none", "adaround", "brecq", "qdrop"] = "none"
+    reconstruction: Literal["none", "adaround", "brecq", "qdrop", "lsc"] = "none"
+    video_loss: Literal["mse", "hvq"] = "mse"
+    memory_policy: str | None = None
     allocator: Allocator | None = None
     before_quantize: Hook | None = None
     after_calibration: Hook | None = None

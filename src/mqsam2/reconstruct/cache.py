@@ -3,7 +3,8 @@
 Calls are recorded with forward hooks while the normal SAM2 code runs (so every unit sees exactly the inputs
 it sees in deployment), flattened with pytree so units with any signature share one code path, and split
 into single samples so batches can be drawn at random. Tensors recorded under sam2's `inference_mode` are
-cloned outside it, so autograd can use them.
+cloned outside it, so autograd can use them. Each call keeps its (clip, frame) position in the calibration
+videos (`mqsam2.reconstruct.positions`), so losses can relate a frame to earlier frames of its clip.
 """
 
 from __future__ import annotations
@@ -19,18 +20,20 @@ from torch import nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from mqsam2.errors import MQSAM2Error
+from mqsam2.reconstruct.positions import Position, current_position
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Call:
-    """One recorded call: flattened (args, kwargs) and flattened output."""
+    """One recorded call: flattened (args, kwargs), flattened output, and where in the videos it ran."""
 
     inputs: list[Any]
     input_spec: TreeSpec
     outputs: list[Any]
     output_spec: TreeSpec
+    position: Position | None = None
 
 
 def _detach_copy(leaf: Any, device: torch.device) -> Any:
@@ -55,6 +58,7 @@ def record_calls(module: nn.Module, device: torch.device | str = "cpu") -> Itera
                 input_spec,
                 [_detach_copy(x, device) for x in outputs],
                 output_spec,
+                current_position(),
             )
         )
 
@@ -79,7 +83,7 @@ def split_batch(call: Call) -> list[Call]:
         ]
 
     return [
-        Call(pick(call.inputs, i), call.input_spec, pick(call.outputs, i), call.output_spec)
+        Call(pick(call.inputs, i), call.input_spec, pick(call.outputs, i), call.output_spec, call.position)
         for i in range(batch)
     ]
 

@@ -73,7 +73,7 @@ def chain_cache(
     """The cache of a unit that SAM2 calls on the previous unit's output (`link` says how): its quantized call
     is linked from the finished previous unit run on its own quantized inputs, its float call from the previous
     float call and target, and its target is the float unit run on that. No model pass; samples keep their
-    order; the new cache is in host memory."""
+    order and their (clip, frame) positions; the new cache is in host memory."""
     device = next(quant_previous.parameters()).device
     quant_calls: list[Call] = [None] * len(previous)  # type: ignore[list-item]
     float_calls: list[Call] = [None] * len(previous)  # type: ignore[list-item]
@@ -93,6 +93,7 @@ def chain_cache(
             for index, sample in zip(
                 indices, split_batch(call) if previous.batchable else [call], strict=True
             ):
+                sample.position = previous.float[index].position  # the same frame of the same clip
                 calls[index] = sample
     return UnitCache(quant_calls, float_calls, previous.batchable, unit_name)
 

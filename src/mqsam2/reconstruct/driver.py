@@ -31,8 +31,10 @@ from mqsam2.config import ReconstructionConfig
 from mqsam2.distributed import rank_and_world, trainer_layout
 from mqsam2.errors import MQSAM2Error
 from mqsam2.files import load_torch, save_torch
+from mqsam2.quant.lsc import ClippingSession
 from mqsam2.reconstruct.cache import UnitCache
 from mqsam2.reconstruct.capture import Capturer
+from mqsam2.reconstruct.hvq import HierarchicalVideoLoss, is_video_unit
 from mqsam2.reconstruct.module import UnitReconstruction, unit_error
 from mqsam2.reconstruct.placement import CachePolicy
 from mqsam2.reconstruct.report import plot_loss_curve, read_metrics
@@ -63,11 +65,12 @@ class Phase:
     learn_act: bool
     drop_prob: float = 0.0
     act_quant_on: bool = True
+    learn_clipping: bool = False
 
 
 def phases(config: ReconstructionConfig) -> list[Phase]:
     """QDrop learns everything at once; BRECQ weights (activations float) then activation steps; AdaRound
-    learns only rounding, layer by layer."""
+    learns only rounding, layer by layer; LSC learns clipping ranges and the weights (rounding to nearest)."""
     if config.mode == "qdrop":
         return [Phase("qdrop", config.iters, True, True, config.drop_prob)]
     if config.mode == "brecq":
@@ -77,6 +80,8 @@ def phases(config: ReconstructionConfig) -> list[Phase]:
         ]
     if config.mode == "adaround":
         return [Phase("rounding", config.iters, True, False)]
+    if config.mode == "lsc":
+        return [Phase("lsc", config.iters, False, False, learn_clipping=True)]
     return []
 
 
@@ -216,6 +221,9 @@ class Reconstructor:
                 layer.weight_quantizer.start_adaround(layer.weight)
         for quantizer in unit.act_quantizers.values():
             quantizer.enabled = phase.act_quant_on
+        # LSC steps run eagerly: its running statistics update in place at every forward, which graph capture's
+        # warm-up passes would repeat.
+        clipping = ClippingSession(unit, cache, self.config.lsc) if phase.learn_clipping else None
         module = UnitReconstruction(
             unit,
             cache,
@@ -230,8 +238,10 @@ class Reconstructor:
             seed=self.seed,
             check_finite_every=self.config.check_finite_every,
             compile=self.config.compile,
-            cuda_graphs=self.config.cuda_graphs and self.world_size == 1,
+            cuda_graphs=self.config.cuda_graphs and self.world_size == 1 and clipping is None,
             fused_kernels=self.config.fused_kernels,
+            extra_groups=clipping.param_groups() if clipping else (),
+            objective=self._objective(unit, cache),
         )
         module.batch_size = self.config.batch_size
         module.log_prefix = f"{unit.name}/{phase.name}/"
@@ -251,6 +261,8 @@ class Reconstructor:
         with lightning_requeues():  # Slurm's warning: Lightning writes an hpc checkpoint of this phase
             trainer.fit(module, DataLoader(range(phase.iters), batch_size=None), ckpt_path=resume)
         seconds = time.perf_counter() - start
+        if clipping is not None:
+            clipping.finish()
         module.finish()
         for quantizer in unit.act_quantizers.values():
             quantizer.enabled = True
@@ -283,6 +295,12 @@ class Reconstructor:
         unit.module.load_state_dict(rounded)
         log.warning("%s: keeping its round-to-nearest weights (reconstruction.on_blowup=keep_rtn)", what)
         return {"error_after": unit_error(unit, cache), "reconstructed_error": after, "kept_rtn": True}
+
+    def _objective(self, unit: Unit, cache: UnitCache) -> HierarchicalVideoLoss | None:
+        """Q-MiniSAM2's HVQ loss on the video units when asked for; the plain output error elsewhere."""
+        if self.config.video_loss == "hvq" and is_video_unit(unit.name):
+            return HierarchicalVideoLoss(self.config.hvq, cache)
+        return None
 
     def _report(
         self, unit: Unit, phase: Phase, phase_dir: Path, steps: int, seconds: float, errors: dict

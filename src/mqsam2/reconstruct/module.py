@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import math
+from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
@@ -19,6 +20,10 @@ from mqsam2.reconstruct.cache import Batch, UnitCache
 from mqsam2.reconstruct.placement import BatchFeeder
 from mqsam2.reconstruct.rounding import BetaSchedule, hardened_fraction, rounding_regularizer
 from mqsam2.reconstruct.units import Unit
+
+# (sample indices, unit outputs, float targets, reconstruction loss, run) -> the unit's objective, where
+# run(indices) gives the quantized unit's outputs on other cached samples (Q-MiniSAM2's HVQ uses earlier frames).
+UnitObjective = Callable[[Sequence[int], list, list, torch.Tensor, Callable[[list[int]], list]], torch.Tensor]
 
 
 def reconstruction_loss(
@@ -78,7 +83,9 @@ def unit_error(unit: Unit, cache: UnitCache, batch_size: int = 8) -> float:
 class UnitReconstruction(L.LightningModule):
     """Minimise the unit's output error under quantization by learning rounding and activation steps.
 
-    `learn_rounding` / `learn_act` / `drop_prob` select QDrop (all), BRECQ's two phases, or AdaRound.
+    `learn_rounding` / `learn_act` / `drop_prob` select QDrop (all), BRECQ's two phases, or AdaRound;
+    `extra_groups` adds other learned tensors (optimizer param groups with a `name` and `lr`, cosine-decayed,
+    e.g. learnable clipping); `objective` replaces the plain reconstruction loss (e.g. HVQ on video units).
     """
 
     def __init__(
@@ -98,6 +105,8 @@ class UnitReconstruction(L.LightningModule):
         compile: bool = False,
         cuda_graphs: bool = False,
         fused_kernels: bool = False,
+        extra_groups: Sequence[dict] = (),
+        objective: UnitObjective | None = None,
     ):
         super().__init__()
         self.unit_module = unit.module
@@ -130,7 +139,10 @@ class UnitReconstruction(L.LightningModule):
             [layer.weight_quantizer.alpha for layer in unit.layers.values()] if learn_rounding else []
         )
         self.act_scales = [q.scale for q in unit.act_quantizers.values()] if learn_act else []
-        for parameter in (*self.alphas, *self.act_scales):
+        self.extra_groups = list(extra_groups)
+        self.objective = objective
+        extra = [p for group in self.extra_groups for p in group["params"]]
+        for parameter in (*self.alphas, *self.act_scales, *extra):
             parameter.requires_grad_(True)
         # Triton kernels for fake-quant, QDrop and AdaRound on CUDA (mqsam2.quant.fused); eager elsewhere.
         self.fused_kernels = fused_kernels
@@ -149,13 +161,16 @@ class UnitReconstruction(L.LightningModule):
         return [layer.weight_quantizer.soft_rounding() for layer in self.unit.layers.values()]
 
     def loss_terms(
-        self, batch: Batch, beta: float | torch.Tensor | None
+        self, batch: Batch, beta: float | torch.Tensor | None, indices: Sequence[int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(reconstruction loss, rounding regulariser or None) of one batch: the math of a step."""
+        """(reconstruction loss, rounding regulariser or None) of one batch: the math of a step. With an
+        `objective` and the batch's cache `indices`, the first term is that objective."""
         inputs = mix_inputs(batch.inputs_q, batch.inputs_fp, self.drop_prob, self.fused_kernels)
         args, kwargs = batch.unflatten(inputs)
         outputs, _ = tree_flatten(self.forward_fn(*args, **kwargs))
         rec = reconstruction_loss(outputs, batch.targets, self.unit.channels_first)
+        if self.objective is not None and indices is not None:
+            rec = self.objective(indices, outputs, batch.targets, rec, self.quantized_outputs)
         if not self.learn_rounding or beta is None:
             return rec, None
         if self.fused_kernels and self.device.type == "cuda":
@@ -164,13 +179,21 @@ class UnitReconstruction(L.LightningModule):
             return rec, sum(fused.rounding_regularizer(alpha, beta) for alpha in self.alphas)
         return rec, sum(rounding_regularizer(h, beta) for h in self.soft_roundings())
 
+    def quantized_outputs(self, indices: list[int]) -> list:
+        """The unit's flattened outputs on cached samples of one signature, from their quantized inputs."""
+        batch = self.cache.batch(indices, device=self.device)
+        args, kwargs = batch.unflatten(batch.inputs_q)
+        outputs, _ = tree_flatten(self.forward_fn(*args, **kwargs))
+        return outputs
+
     def total_loss(self, rec: torch.Tensor, reg: torch.Tensor | None) -> torch.Tensor:
         return rec if reg is None else rec + self.reg_weight * reg
 
     @property
     def graphed(self) -> bool:
-        """Steps replay CUDA graphs: asked for, and the module is on a GPU."""
-        return self.cuda_graphs and self.device.type == "cuda"
+        """Steps replay CUDA graphs: asked for, the module is on a GPU, and the objective has fixed shapes (an
+        `objective` runs other samples, whose signatures vary)."""
+        return self.cuda_graphs and self.device.type == "cuda" and self.objective is None
 
     def training_step(self, batch_index, _):
         step = self.global_step
@@ -180,7 +203,7 @@ class UnitReconstruction(L.LightningModule):
         if self.graphed:
             loss, rec, reg = self._graphed_step(self.cache.group_of[indices[0]], batch, beta)
         else:
-            rec, reg = self.loss_terms(batch, beta)
+            rec, reg = self.loss_terms(batch, beta, indices)
             loss = self.total_loss(rec, reg)
         # Logged only where the loggers write: each self.log costs about a millisecond of host time.
         if (step + 1) % self.trainer.log_every_n_steps == 0 or step == self.max_steps - 1:
@@ -279,6 +302,7 @@ class UnitReconstruction(L.LightningModule):
             groups.append({"params": self.alphas, "lr": self.lr_rounding, "name": "rounding"})
         if self.act_scales:
             groups.append({"params": self.act_scales, "lr": self.lr_act, "name": "act_scale"})
+        groups.extend(self.extra_groups)
         if not groups:
             raise MQSAM2Error(f"unit {self.unit.name} has nothing to learn in this mode")
         optimizer = torch.optim.Adam(groups, fused=self.device.type == "cuda")

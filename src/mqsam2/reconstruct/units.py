@@ -16,7 +16,7 @@ from mqsam2.quant.modules import QuantLayerMixin
 from mqsam2.quant.quantizer import ActQuantizer
 from mqsam2.quant.swap import quantizable_layers, quantized_layers
 
-UNIT_MODES = ("qdrop", "brecq", "adaround", "none")
+UNIT_MODES = ("qdrop", "brecq", "adaround", "lsc", "none")
 TRUNK_BLOCK = "image_encoder.trunk.blocks."
 MEMORY_LAYER = "memory_attention.layers."
 DECODER_BLOCK = "sam_mask_decoder.transformer.layers."
@@ -112,7 +112,7 @@ def _block_units(model: nn.Module) -> list[tuple[str, bool, bool]]:
 
 
 def reconstruction_units(model: nn.Module, mode: str = "qdrop") -> list[Unit]:
-    """Units of a quantized SAM2: blocks for qdrop/brecq, single layers for adaround, none for `none`."""
+    """Units of a quantized SAM2: blocks for qdrop/brecq/lsc, single layers for adaround, none for `none`."""
     if mode not in UNIT_MODES:
         raise ValueError(f"unknown reconstruction mode {mode!r}: use one of {', '.join(UNIT_MODES)}")
     units = []
