@@ -181,6 +181,7 @@ class Capturer:
         self.batch_size = batch_size
         self.place = place
         self.seconds = 0.0  # spent in model passes and derivations, for the benchmark
+        self._depth = 0
         self._last: tuple[str, UnitCache] | None = None
         self._stage_end_names = {name for unit in units for name in unit.gathers}
         self._stage_ends: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
@@ -213,30 +214,38 @@ class Capturer:
         it or a later loop unit still has work. The shared replay happens here, at the first loop unit, so a
         resumed run replays the same model an uninterrupted one did."""
         if self.mode == "shared" and unit.name == self._first_loop and pending:
+            start = time.perf_counter()
             self._shared.update(self._record_pass(self.model, self._recorded_roots, "shared quantized"))
+            self.seconds += time.perf_counter() - start
 
     def capture(self, unit: Unit) -> UnitCache:
         start = time.perf_counter()
-        if self.mode != "replay" and unit.gathers:
-            cache = self._gather(unit)
-        elif self._chained(unit):
-            cache = self._chain(unit)
-        elif unit.video_loop and self.mode != "replay":
-            cache = self._loop_unit(unit)
-        else:
-            cache = self.place(
-                capture_unit(
-                    unit.name,
-                    unit.module,
-                    self.float_model.get_submodule(unit.name),
-                    run_quant=lambda: self.workload.run(self.model, unit.encoder_only),
-                    run_float=lambda: self.workload.run(self.float_model, unit.encoder_only),
-                    batchable=unit.batchable,
-                )
-            )
+        self._depth += 1
+        try:
+            cache = self._build(unit)
+        finally:
+            self._depth -= 1
         self._last = (unit.name, cache)
-        self.seconds += time.perf_counter() - start
+        if self._depth == 0:  # a chain re-derived after a restart counts once
+            self.seconds += time.perf_counter() - start
         return cache
+
+    def _build(self, unit: Unit) -> UnitCache:
+        if self.mode != "replay" and unit.gathers:
+            return self._gather(unit)
+        if self._chained(unit):
+            return self._chain(unit)
+        if unit.video_loop and self.mode != "replay":
+            return self._loop_unit(unit)
+        cache = capture_unit(
+            unit.name,
+            unit.module,
+            self.float_model.get_submodule(unit.name),
+            run_quant=lambda: self.workload.run(self.model, unit.encoder_only),
+            run_float=lambda: self.workload.run(self.float_model, unit.encoder_only),
+            batchable=unit.batchable,
+        )
+        return self.place(cache)
 
     def _previous(self, name: str) -> UnitCache:
         """The cache of `name` as the chain needs it: the last one built, or built again (after a restart)."""
