@@ -9,6 +9,8 @@ cloned outside it, so autograd can use them.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -191,6 +193,13 @@ class UnitCache:
     @property
     def device(self) -> torch.device:
         return next(x.device for x in self.quant[0].inputs if isinstance(x, torch.Tensor))
+
+    def copy(self) -> UnitCache:
+        """A cache sharing these tensors with call lists of its own: moving or casting it leaves this one."""
+        new = copy.copy(self)
+        new.quant = [dataclasses.replace(call) for call in self.quant]
+        new.float = [dataclasses.replace(call) for call in self.float]
+        return new
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> UnitCache:
         """Moved (and floating tensors cast to `dtype`) in place, one tensor at a time."""

@@ -184,6 +184,7 @@ class Capturer:
         self._depth = 0
         self._last: tuple[str, UnitCache] | None = None
         self._stage_end_names = {name for unit in units for name in unit.gathers}
+        self._sources = self._stage_end_names | {unit.follows for unit in units if unit.follows is not None}
         self._stage_ends: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self._float: dict[str, list[Call]] = {}  # loop units' float calls, from the one float pass
         self._shared: dict[str, list[Call]] = {}  # loop units' quantized calls, from the shared replay
@@ -219,16 +220,19 @@ class Capturer:
             self.seconds += time.perf_counter() - start
 
     def capture(self, unit: Unit) -> UnitCache:
+        """The unit's cache, placed for its fit (`place`: moved, cast to bf16, pinned). Later units derive
+        theirs from the cache as captured (host, float32), so placement never compounds along a chain."""
         start = time.perf_counter()
         self._depth += 1
         try:
             cache = self._build(unit)
         finally:
             self._depth -= 1
-        self._last = (unit.name, cache)
+        self._last = (unit.name, cache) if unit.name in self._sources else None
+        placed = self.place(cache)
         if self._depth == 0:  # a chain re-derived after a restart counts once
             self.seconds += time.perf_counter() - start
-        return cache
+        return placed
 
     def _build(self, unit: Unit) -> UnitCache:
         if self.mode != "replay" and unit.gathers:
@@ -237,7 +241,7 @@ class Capturer:
             return self._chain(unit)
         if unit.video_loop and self.mode != "replay":
             return self._loop_unit(unit)
-        cache = capture_unit(
+        return capture_unit(
             unit.name,
             unit.module,
             self.float_model.get_submodule(unit.name),
@@ -245,13 +249,12 @@ class Capturer:
             run_float=lambda: self.workload.run(self.float_model, unit.encoder_only),
             batchable=unit.batchable,
         )
-        return self.place(cache)
 
     def _previous(self, name: str) -> UnitCache:
-        """The cache of `name` as the chain needs it: the last one built, or built again (after a restart)."""
-        if self._last is not None and self._last[0] == name:
-            return self._last[1]
-        return self.capture(self.units[name])
+        """The cache of `name` as captured: the last one built, or built again (after a restart)."""
+        if self._last is None or self._last[0] != name:
+            self.capture(self.units[name])
+        return self._last[1]
 
     def _chain(self, unit: Unit) -> UnitCache:
         before = self.units[unit.follows]
@@ -263,7 +266,7 @@ class Capturer:
                 [call.inputs[0] for call in cache.quant],
                 [call.inputs[0] for call in cache.float],
             )
-        return self.place(cache)
+        return cache
 
     def _gather(self, unit: Unit) -> UnitCache:
         """The neck, from Hiera's stage ends. The chain kept each stage end's outputs as it passed; the last
@@ -291,7 +294,7 @@ class Capturer:
             quant_calls = self._shared.pop(unit.name)
         else:
             quant_calls = self._record_pass(self.model, [unit.name], "quantized")[unit.name]
-        return self.place(UnitCache(quant_calls, self._float.pop(unit.name), unit.batchable, unit.name))
+        return UnitCache(quant_calls, self._float.pop(unit.name), unit.batchable, unit.name)
 
     def _record_pass(self, model: nn.Module, names: list[str], what: str) -> dict[str, list[Call]]:
         start = time.perf_counter()

@@ -36,8 +36,9 @@ class CachePolicy:
         return nbytes <= budget
 
     def place(self, cache: UnitCache, device: torch.device) -> UnitCache:
-        """The cache cast to its dtype, then moved to `device` or pinned in host memory (CPU runs: as is)."""
-        cache.to(dtype=torch.bfloat16 if self.bf16 else None)
+        """A copy of the cache cast to its dtype, then moved to `device` or pinned in host memory (CPU runs:
+        on the host); the cache given is left as it was."""
+        cache = cache.copy().to(dtype=torch.bfloat16 if self.bf16 else None)
         if device.type != "cuda":
             return cache.to("cpu")
         free, _ = torch.cuda.mem_get_info(device)
