@@ -60,7 +60,8 @@ class ReconstructionConfig:
     """Block-wise reconstruction (method.md §5); `iters` per unit, Lightning Trainer settings alongside;
     `units` limits it to the named units (the others keep round-to-nearest); `capture` says how each unit's
     calibration tensors are produced (mqsam2.reconstruct.capture), `cache_*` where they live during its fit
-    (mqsam2.reconstruct.placement: `cache_gb` is the GPU budget, default half of the free memory)."""
+    (mqsam2.reconstruct.placement: `cache_gb` is the GPU budget, default half of the free memory;
+    `host_cache_gb` what one capture pass may hold in host memory, default half of the available)."""
 
     mode: str = "qdrop"
     units: list[str] | None = None
@@ -83,6 +84,7 @@ class ReconstructionConfig:
     cache_device: str = "auto"
     cache_gb: float | None = None
     cache_bf16: bool = True
+    host_cache_gb: float | None = None
     capture: str = "sequential"
     compile: bool = False
     cuda_graphs: bool = True

@@ -42,6 +42,22 @@ def _detach_copy(leaf: Any, device: torch.device) -> Any:
         return leaf.detach().to(device, copy=True)
 
 
+def copy_call(args: tuple, kwargs: dict, output: Any, device: torch.device) -> Call:
+    """One call of a module (what a forward hook sees), its tensors copied to `device`."""
+    inputs, input_spec = tree_flatten((args, kwargs))
+    outputs, output_spec = tree_flatten(output)
+    return Call(
+        [_detach_copy(x, device) for x in inputs],
+        input_spec,
+        [_detach_copy(x, device) for x in outputs],
+        output_spec,
+    )
+
+
+def call_nbytes(call: Call) -> int:
+    return sum(x.nbytes for x in (*call.inputs, *call.outputs) if isinstance(x, torch.Tensor))
+
+
 @contextlib.contextmanager
 def record_calls(module: nn.Module, device: torch.device | str = "cpu") -> Iterator[list[Call]]:
     """Every call of `module` inside the block, copied to `device`."""
@@ -49,16 +65,7 @@ def record_calls(module: nn.Module, device: torch.device | str = "cpu") -> Itera
     device = torch.device(device)
 
     def hook(_module, args, kwargs, output):
-        inputs, input_spec = tree_flatten((args, kwargs))
-        outputs, output_spec = tree_flatten(output)
-        calls.append(
-            Call(
-                [_detach_copy(x, device) for x in inputs],
-                input_spec,
-                [_detach_copy(x, device) for x in outputs],
-                output_spec,
-            )
-        )
+        calls.append(copy_call(args, kwargs, output, device))
 
     handle = module.register_forward_hook(hook, with_kwargs=True)
     try:

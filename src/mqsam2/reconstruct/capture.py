@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from mqsam2.reconstruct.cache import Call, UnitCache, record_calls, split_batch
+from mqsam2.reconstruct.cache import Call, UnitCache, call_nbytes, copy_call, record_calls, split_batch
 from mqsam2.reconstruct.units import Link, Unit
 
 if TYPE_CHECKING:
@@ -135,10 +135,36 @@ def gather_cache(
 
 
 @contextlib.contextmanager
-def record_units(model: nn.Module, names: list[str]) -> Iterator[dict[str, list[Call]]]:
-    """Every call of each named submodule inside the block, per name: one pass records them all."""
-    with contextlib.ExitStack() as stack:
-        yield {name: stack.enter_context(record_calls(model.get_submodule(name))) for name in names}
+def record_units(
+    model: nn.Module, names: list[str], budget_bytes: int | None = None
+) -> Iterator[dict[str, list[Call]]]:
+    """Every call of each named submodule inside the block, per name, in host memory: one pass records them
+    all. When the recordings outgrow `budget_bytes`, the unit holding the most is dropped (its hook removed,
+    its calls freed) and is missing from the result, to be recorded by a pass of its own."""
+    recorded: dict[str, list[Call]] = {name: [] for name in names}
+    sizes = dict.fromkeys(names, 0)
+    handles = {}
+
+    def hook_for(name: str):
+        def hook(_module, args, kwargs, output):
+            call = copy_call(args, kwargs, output, _HOST)
+            recorded[name].append(call)
+            sizes[name] += call_nbytes(call)
+            while budget_bytes is not None and sum(sizes.values()) > budget_bytes:
+                largest = max(sizes, key=sizes.__getitem__)
+                log.info("  host budget: %s left for a pass of its own", largest)
+                handles.pop(largest).remove()
+                del recorded[largest], sizes[largest]
+
+        return hook
+
+    for name in names:
+        handles[name] = model.get_submodule(name).register_forward_hook(hook_for(name), with_kwargs=True)
+    try:
+        yield recorded
+    finally:
+        for handle in handles.values():
+            handle.remove()
 
 
 def capture_unit(
@@ -172,6 +198,7 @@ class Capturer:
         mode: str = "sequential",
         batch_size: int = 8,
         place: Callable[[UnitCache], UnitCache] = lambda cache: cache,
+        host_budget: Callable[[], int | None] = lambda: None,
     ):
         self.model = model
         self.float_model = float_model
@@ -180,6 +207,7 @@ class Capturer:
         self.mode = mode
         self.batch_size = batch_size
         self.place = place
+        self.host_budget = host_budget  # bytes one pass may record for several units, asked before each pass
         self.seconds = 0.0  # spent in model passes and derivations, for the benchmark
         self._depth = 0
         self._last: tuple[str, UnitCache] | None = None
@@ -297,8 +325,11 @@ class Capturer:
         return UnitCache(quant_calls, self._float.pop(unit.name), unit.batchable, unit.name)
 
     def _record_pass(self, model: nn.Module, names: list[str], what: str) -> dict[str, list[Call]]:
+        """One pass of the calibration set recording `names`, within the host budget (units that outgrow
+        it are left out: a float pass of their own, or an exact replay, at their turn)."""
         start = time.perf_counter()
-        with record_units(model, names) as recorded:
+        budget = self.host_budget() if len(names) > 1 else None
+        with record_units(model, names, budget) as recorded:
             self.workload.run(model, encoder_only=False)
-        log.info("  %s pass recorded %d unit(s) in %.1f s", what, len(names), time.perf_counter() - start)
+        log.info("  %s pass recorded %d unit(s) in %.1f s", what, len(recorded), time.perf_counter() - start)
         return recorded

@@ -30,7 +30,7 @@ from mqsam2.errors import MQSAM2Error
 from mqsam2.reconstruct.cache import UnitCache
 from mqsam2.reconstruct.capture import Capturer
 from mqsam2.reconstruct.module import UnitReconstruction, unit_error
-from mqsam2.reconstruct.placement import CachePolicy
+from mqsam2.reconstruct.placement import CachePolicy, host_budget
 from mqsam2.reconstruct.report import plot_loss_curve, read_metrics
 from mqsam2.reconstruct.rounding import BetaSchedule
 from mqsam2.reconstruct.units import Unit, reconstruction_units
@@ -133,6 +133,7 @@ class Reconstructor:
             config.capture,
             config.batch_size,
             place=self._place,
+            host_budget=lambda: host_budget(config.host_cache_gb),
         )
 
     def run(self) -> None:
