@@ -194,7 +194,6 @@ class Capturer:
         float_model: nn.Module,
         workload: Workload,
         units: list[Unit],
-        scheduled: list[Unit] | None = None,
         mode: str = "sequential",
         batch_size: int = 8,
         place: Callable[[UnitCache], UnitCache] = lambda cache: cache,
@@ -217,9 +216,13 @@ class Capturer:
         self._float: dict[str, list[Call]] = {}  # loop units' float calls, from the one float pass
         self._shared: dict[str, list[Call]] = {}  # loop units' quantized calls, from the shared replay
         self._float_pass_done = False
-        loop_units = [unit for unit in (scheduled or units) if unit.video_loop]
-        self._first_loop = loop_units[0].name if loop_units else None
-        self._recorded_roots = self._roots(loop_units)
+        self.plan(units, units)
+
+    def plan(self, scheduled: list[Unit], pending: list[Unit]) -> None:
+        """The units a run visits, in order, and those of them with work left: passes record only what
+        pending units need, and the shared replay happens at the first scheduled loop unit."""
+        self._first_loop = next((unit.name for unit in scheduled if unit.video_loop), None)
+        self._recorded_roots = self._roots([unit for unit in pending if unit.video_loop])
 
     def _chained(self, unit: Unit) -> bool:
         """Derived from the previous unit instead of recorded: the Hiera chain always, memory-attention layers
@@ -238,11 +241,11 @@ class Capturer:
                 roots.append(unit.name)
         return roots
 
-    def before(self, unit: Unit, pending: bool) -> None:
-        """Called for every scheduled unit in order, before its finished state (if any) is loaded; `pending`:
-        it or a later loop unit still has work. The shared replay happens here, at the first loop unit, so a
-        resumed run replays the same model an uninterrupted one did."""
-        if self.mode == "shared" and unit.name == self._first_loop and pending:
+    def before(self, unit: Unit) -> None:
+        """Called for every scheduled unit in order, before its finished state (if any) is loaded. The shared
+        replay happens here, at the first loop unit, so a resumed run replays the model an uninterrupted one
+        did."""
+        if self.mode == "shared" and unit.name == self._first_loop and self._recorded_roots:
             start = time.perf_counter()
             self._shared.update(self._record_pass(self.model, self._recorded_roots, "shared quantized"))
             self.seconds += time.perf_counter() - start
@@ -308,21 +311,22 @@ class Capturer:
         )
         ends = [self._stage_ends.pop(name) for name in unit.gathers]
         float_unit = self.float_model.get_submodule(unit.name)
-        cache = gather_cache(
+        return gather_cache(
             [q for q, _ in ends], [f for _, f in ends], float_unit, unit.name, self.batch_size
         )
-        return self.place(cache)
 
     def _loop_unit(self, unit: Unit) -> UnitCache:
-        if unit.name not in self._float:
-            names = [unit.name] if self._float_pass_done else [*self._recorded_roots, unit.name]
-            self._float.update(self._record_pass(self.float_model, list(dict.fromkeys(names)), "float"))
+        if not self._float_pass_done:
             self._float_pass_done = True
-        if unit.name in self._shared:
-            quant_calls = self._shared.pop(unit.name)
-        else:
+            names = list(dict.fromkeys([*self._recorded_roots, unit.name]))
+            self._float.update(self._record_pass(self.float_model, names, "float"))
+        float_calls = self._float.pop(unit.name, None)
+        if float_calls is None:  # left out of the float pass (host budget) or not planned
+            float_calls = self._record_pass(self.float_model, [unit.name], "float")[unit.name]
+        quant_calls = self._shared.pop(unit.name, None)
+        if quant_calls is None:
             quant_calls = self._record_pass(self.model, [unit.name], "quantized")[unit.name]
-        return UnitCache(quant_calls, self._float.pop(unit.name), unit.batchable, unit.name)
+        return UnitCache(quant_calls, float_calls, unit.batchable, unit.name)
 
     def _record_pass(self, model: nn.Module, names: list[str], what: str) -> dict[str, list[Call]]:
         """One pass of the calibration set recording `names`, within the host budget (units that outgrow

@@ -129,7 +129,6 @@ class Reconstructor:
             float_model,
             self.workload,
             self.all_units,
-            self.units,
             config.capture,
             config.batch_size,
             place=self._place,
@@ -138,13 +137,10 @@ class Reconstructor:
 
     def run(self) -> None:
         plan = phases(self.config)
-        unfinished = [
-            any(not (unit_dir(self.run_dir, u.name) / f"{p.name}.pt").exists() for p in plan)
-            for u in self.units
-        ]
+        self.capturer.plan(self.units, [u for u in self.units if not self._finished(u, plan)])
         for index, unit in enumerate(self.units, start=1):
             log.info("unit %d/%d: %s (%d layers)", index, len(self.units), unit.name, len(unit.layers))
-            self.capturer.before(unit, pending=any(unfinished[index - 1 :]))
+            self.capturer.before(unit)
             cache = None
             for phase in plan:
                 done = unit_dir(self.run_dir, unit.name) / f"{phase.name}.pt"
@@ -154,6 +150,9 @@ class Reconstructor:
                     continue
                 cache = cache or self.capture(unit)
                 self.fit_phase(unit, phase, cache)
+
+    def _finished(self, unit: Unit, plan: list[Phase]) -> bool:
+        return all((unit_dir(self.run_dir, unit.name) / f"{phase.name}.pt").exists() for phase in plan)
 
     def _place(self, cache: UnitCache) -> UnitCache:
         config = self.config
