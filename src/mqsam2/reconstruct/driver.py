@@ -134,6 +134,7 @@ class Reconstructor:
             place=self._place,
             host_budget=lambda: host_budget(config.host_cache_gb),
         )
+        self.capturer.plan(self.units, self.units)
 
     def run(self) -> None:
         plan = phases(self.config)
