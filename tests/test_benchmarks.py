@@ -56,7 +56,7 @@ def _run(script: str, *args: str, tmp_path: Path) -> str:
                 "--calib-images",
                 "1",
             ],
-            "projected: 1 units",
+            "fused vs old: capture",
         ),
         (
             "inference.py",

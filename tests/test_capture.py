@@ -155,3 +155,20 @@ def test_shared_capture_resumes_mid_way_to_the_same_tensors(calibrated, workload
         a = unit.module.state_dict()
         b = resumed.model.get_submodule(unit.name).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), unit.name
+
+
+def test_a_pass_over_its_host_budget_leaves_the_largest_unit_for_later():
+    """One pass records several units; past the budget the unit holding the most is dropped whole (it gets
+    a pass of its own at its turn), and the others keep every call."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.Linear(64, 2))
+    per_call = {"0": (4 + 64) * 4, "1": (64 + 2) * 4}  # float32 input and output bytes of one call
+    # 1100 bytes hold four calls of unit 1 (1056) but not three of unit 0 beside them: 0 goes at its third call
+    with torch.no_grad(), record_units(model, ["0", "1"], budget_bytes=1100) as recorded:
+        for _ in range(4):
+            model(torch.randn(1, 4))
+    assert set(recorded) == {"1"}
+    assert len(recorded["1"]) == 4
+    assert sum(x.nbytes for call in recorded["1"] for x in call.inputs + call.outputs) == 4 * per_call["1"]
+    with torch.no_grad(), record_units(model, ["0", "1"], budget_bytes=None) as recorded:
+        model(torch.randn(1, 4))
+    assert set(recorded) == {"0", "1"}

@@ -21,15 +21,16 @@ def test_caches_over_the_gpu_budget_stay_in_host_memory():
     assert CachePolicy(device="cuda").on_device(100 * GIB, free)
 
 
-def test_bf16_policy_halves_floating_tensors_and_keeps_integers():
+def test_bf16_placement_halves_floating_tensors_of_a_copy():
     cache = _cache()
     tensors = [x for calls in (cache.quant, cache.float) for c in calls for x in (*c.inputs, *c.outputs)]
     floating = sum(x.nbytes for x in tensors if isinstance(x, torch.Tensor) and x.is_floating_point())
     before = cache.nbytes
-    CachePolicy(bf16=True).place(cache, torch.device("cpu"))
-    assert cache.quant[0].inputs[0].dtype == torch.bfloat16
-    assert cache.quant[0].inputs[1].dtype == torch.int64
-    assert cache.nbytes == before - floating // 2
+    placed = CachePolicy(bf16=True).place(cache, torch.device("cpu"))
+    assert placed.quant[0].inputs[0].dtype == torch.bfloat16
+    assert placed.quant[0].inputs[1].dtype == torch.int64
+    assert placed.nbytes == before - floating // 2
+    assert cache.nbytes == before  # the captured cache, which later units derive theirs from, is untouched
 
 
 def _cache() -> UnitCache:

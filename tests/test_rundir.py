@@ -73,6 +73,7 @@ def test_runtime_fields_are_exactly_the_execution_settings():
     assert runtime == {
         "checkpoint_every", "check_finite_every", "accelerator", "devices", "strategy", "cache_device",
         "compile", "cuda_graphs", "max_error_growth", "on_blowup", "cache_gb", "fused_kernels",
+        "host_cache_gb",
     }  # fmt: skip
     identity = resume_identity(FitConfig())
     assert "precision" in identity["reconstruction"] and "cuda_graphs" not in identity["reconstruction"]

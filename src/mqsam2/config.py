@@ -93,7 +93,8 @@ class ReconstructionConfig:
     """Block-wise reconstruction (method.md §5); `iters` per unit, Lightning Trainer settings alongside;
     `units` limits it to the named units (the others keep round-to-nearest); `capture` says how each unit's
     calibration tensors are produced (mqsam2.reconstruct.capture), `cache_*` where they live during its fit
-    (mqsam2.reconstruct.placement: `cache_gb` is the GPU budget, default half of the free memory).
+    (mqsam2.reconstruct.placement: `cache_gb` is the GPU budget, default half of the free memory;
+    `host_cache_gb` what one capture pass may hold in host memory, default half of the available).
     `video_loss: hvq` trains the memory attention layers and the memory encoder with Q-MiniSAM2's HVQ loss
     (`hvq` settings) instead of the plain output error; mode `lsc` learns Q-SAM2's statistical clipping and
     the weights (`lsc` settings)."""
@@ -119,6 +120,7 @@ class ReconstructionConfig:
     cache_device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=RUNTIME)
     cache_gb: float | None = field(default=None, metadata=RUNTIME)
     cache_bf16: bool = True
+    host_cache_gb: float | None = field(default=None, metadata=RUNTIME)
     capture: Literal["sequential", "shared", "replay"] = "sequential"
     compile: bool = field(default=False, metadata=RUNTIME)
     cuda_graphs: bool = field(default=True, metadata=RUNTIME)

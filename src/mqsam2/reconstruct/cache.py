@@ -10,6 +10,8 @@ videos (`mqsam2.reconstruct.positions`), so losses can relate a frame to earlier
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -43,6 +45,23 @@ def _detach_copy(leaf: Any, device: torch.device) -> Any:
         return leaf.detach().to(device, copy=True)
 
 
+def copy_call(args: tuple, kwargs: dict, output: Any, device: torch.device) -> Call:
+    """One call of a module (what a forward hook sees), its tensors copied to `device`."""
+    inputs, input_spec = tree_flatten((args, kwargs))
+    outputs, output_spec = tree_flatten(output)
+    return Call(
+        [_detach_copy(x, device) for x in inputs],
+        input_spec,
+        [_detach_copy(x, device) for x in outputs],
+        output_spec,
+        current_position(),
+    )
+
+
+def call_nbytes(call: Call) -> int:
+    return sum(x.nbytes for x in (*call.inputs, *call.outputs) if isinstance(x, torch.Tensor))
+
+
 @contextlib.contextmanager
 def record_calls(module: nn.Module, device: torch.device | str = "cpu") -> Iterator[list[Call]]:
     """Every call of `module` inside the block, copied to `device`."""
@@ -50,17 +69,7 @@ def record_calls(module: nn.Module, device: torch.device | str = "cpu") -> Itera
     device = torch.device(device)
 
     def hook(_module, args, kwargs, output):
-        inputs, input_spec = tree_flatten((args, kwargs))
-        outputs, output_spec = tree_flatten(output)
-        calls.append(
-            Call(
-                [_detach_copy(x, device) for x in inputs],
-                input_spec,
-                [_detach_copy(x, device) for x in outputs],
-                output_spec,
-                current_position(),
-            )
-        )
+        calls.append(copy_call(args, kwargs, output, device))
 
     handle = module.register_forward_hook(hook, with_kwargs=True)
     try:
@@ -195,6 +204,13 @@ class UnitCache:
     @property
     def device(self) -> torch.device:
         return next(x.device for x in self.quant[0].inputs if isinstance(x, torch.Tensor))
+
+    def copy(self) -> UnitCache:
+        """A cache sharing these tensors with call lists of its own: moving or casting it leaves this one."""
+        new = copy.copy(self)
+        new.quant = [dataclasses.replace(call) for call in self.quant]
+        new.float = [dataclasses.replace(call) for call in self.float]
+        return new
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> UnitCache:
         """Moved (and floating tensors cast to `dtype`) in place, one tensor at a time."""

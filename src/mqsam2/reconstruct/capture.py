@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from mqsam2.reconstruct.cache import Call, UnitCache, record_calls, split_batch
+from mqsam2.reconstruct.cache import Call, UnitCache, call_nbytes, copy_call, record_calls, split_batch
 from mqsam2.reconstruct.units import Link, Unit
 
 if TYPE_CHECKING:
@@ -136,10 +136,36 @@ def gather_cache(
 
 
 @contextlib.contextmanager
-def record_units(model: nn.Module, names: list[str]) -> Iterator[dict[str, list[Call]]]:
-    """Every call of each named submodule inside the block, per name: one pass records them all."""
-    with contextlib.ExitStack() as stack:
-        yield {name: stack.enter_context(record_calls(model.get_submodule(name))) for name in names}
+def record_units(
+    model: nn.Module, names: list[str], budget_bytes: int | None = None
+) -> Iterator[dict[str, list[Call]]]:
+    """Every call of each named submodule inside the block, per name, in host memory: one pass records them
+    all. When the recordings outgrow `budget_bytes`, the unit holding the most is dropped (its hook removed,
+    its calls freed) and is missing from the result, to be recorded by a pass of its own."""
+    recorded: dict[str, list[Call]] = {name: [] for name in names}
+    sizes = dict.fromkeys(names, 0)
+    handles = {}
+
+    def hook_for(name: str):
+        def hook(_module, args, kwargs, output):
+            call = copy_call(args, kwargs, output, _HOST)
+            recorded[name].append(call)
+            sizes[name] += call_nbytes(call)
+            while budget_bytes is not None and sum(sizes.values()) > budget_bytes:
+                largest = max(sizes, key=sizes.__getitem__)
+                log.info("  host budget: %s left for a pass of its own", largest)
+                handles.pop(largest).remove()
+                del recorded[largest], sizes[largest]
+
+        return hook
+
+    for name in names:
+        handles[name] = model.get_submodule(name).register_forward_hook(hook_for(name), with_kwargs=True)
+    try:
+        yield recorded
+    finally:
+        for handle in handles.values():
+            handle.remove()
 
 
 def capture_unit(
@@ -169,10 +195,10 @@ class Capturer:
         float_model: nn.Module,
         workload: Workload,
         units: list[Unit],
-        scheduled: list[Unit] | None = None,
         mode: str = "sequential",
         batch_size: int = 8,
         place: Callable[[UnitCache], UnitCache] = lambda cache: cache,
+        host_budget: Callable[[], int | None] = lambda: None,
     ):
         self.model = model
         self.float_model = float_model
@@ -181,16 +207,23 @@ class Capturer:
         self.mode = mode
         self.batch_size = batch_size
         self.place = place
+        self.host_budget = host_budget  # bytes one pass may record for several units, asked before each pass
         self.seconds = 0.0  # spent in model passes and derivations, for the benchmark
+        self._depth = 0
         self._last: tuple[str, UnitCache] | None = None
         self._stage_end_names = {name for unit in units for name in unit.gathers}
+        self._sources = self._stage_end_names | {unit.follows for unit in units if unit.follows is not None}
         self._stage_ends: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self._float: dict[str, list[Call]] = {}  # loop units' float calls, from the one float pass
         self._shared: dict[str, list[Call]] = {}  # loop units' quantized calls, from the shared replay
         self._float_pass_done = False
-        loop_units = [unit for unit in (scheduled or units) if unit.video_loop]
-        self._first_loop = loop_units[0].name if loop_units else None
-        self._recorded_roots = self._roots(loop_units)
+        self.plan(units, units)
+
+    def plan(self, scheduled: list[Unit], pending: list[Unit]) -> None:
+        """The units a run visits, in order, and those of them with work left: passes record only what
+        pending units need, and the shared replay happens at the first scheduled loop unit."""
+        self._first_loop = next((unit.name for unit in scheduled if unit.video_loop), None)
+        self._recorded_roots = self._roots([unit for unit in pending if unit.video_loop])
 
     def _chained(self, unit: Unit) -> bool:
         """Derived from the previous unit instead of recorded: the Hiera chain always, memory-attention layers
@@ -209,41 +242,51 @@ class Capturer:
                 roots.append(unit.name)
         return roots
 
-    def before(self, unit: Unit, pending: bool) -> None:
-        """Called for every scheduled unit in order, before its finished state (if any) is loaded; `pending`:
-        it or a later loop unit still has work. The shared replay happens here, at the first loop unit, so a
-        resumed run replays the same model an uninterrupted one did."""
-        if self.mode == "shared" and unit.name == self._first_loop and pending:
+    def before(self, unit: Unit) -> None:
+        """Called for every scheduled unit in order, before its finished state (if any) is loaded. The shared
+        replay happens here, at the first loop unit, so a resumed run replays the model an uninterrupted one
+        did."""
+        if self.mode == "shared" and unit.name == self._first_loop and self._recorded_roots:
+            start = time.perf_counter()
             self._shared.update(self._record_pass(self.model, self._recorded_roots, "shared quantized"))
+            self.seconds += time.perf_counter() - start
 
     def capture(self, unit: Unit) -> UnitCache:
+        """The unit's cache, placed for its fit (`place`: moved, cast to bf16, pinned). Later units derive
+        theirs from the cache as captured (host, float32), so placement never compounds along a chain."""
         start = time.perf_counter()
+        self._depth += 1
+        try:
+            cache = self._build(unit)
+        finally:
+            self._depth -= 1
+        self._last = (unit.name, cache) if unit.name in self._sources else None
+        placed = self.place(cache)
+        if self._depth == 0:  # a chain re-derived after a restart counts once
+            self.seconds += time.perf_counter() - start
+        return placed
+
+    def _build(self, unit: Unit) -> UnitCache:
         if self.mode != "replay" and unit.gathers:
-            cache = self._gather(unit)
-        elif self._chained(unit):
-            cache = self._chain(unit)
-        elif unit.video_loop and self.mode != "replay":
-            cache = self._loop_unit(unit)
-        else:
-            cache = self.place(
-                capture_unit(
-                    unit.name,
-                    unit.module,
-                    self.float_model.get_submodule(unit.name),
-                    run_quant=lambda: self.workload.run(self.model, unit.encoder_only),
-                    run_float=lambda: self.workload.run(self.float_model, unit.encoder_only),
-                    batchable=unit.batchable,
-                )
-            )
-        self._last = (unit.name, cache)
-        self.seconds += time.perf_counter() - start
-        return cache
+            return self._gather(unit)
+        if self._chained(unit):
+            return self._chain(unit)
+        if unit.video_loop and self.mode != "replay":
+            return self._loop_unit(unit)
+        return capture_unit(
+            unit.name,
+            unit.module,
+            self.float_model.get_submodule(unit.name),
+            run_quant=lambda: self.workload.run(self.model, unit.encoder_only),
+            run_float=lambda: self.workload.run(self.float_model, unit.encoder_only),
+            batchable=unit.batchable,
+        )
 
     def _previous(self, name: str) -> UnitCache:
-        """The cache of `name` as the chain needs it: the last one built, or built again (after a restart)."""
-        if self._last is not None and self._last[0] == name:
-            return self._last[1]
-        return self.capture(self.units[name])
+        """The cache of `name` as captured: the last one built, or built again (after a restart)."""
+        if self._last is None or self._last[0] != name:
+            self.capture(self.units[name])
+        return self._last[1]
 
     def _chain(self, unit: Unit) -> UnitCache:
         before = self.units[unit.follows]
@@ -255,7 +298,7 @@ class Capturer:
                 [call.inputs[0] for call in cache.quant],
                 [call.inputs[0] for call in cache.float],
             )
-        return self.place(cache)
+        return cache
 
     def _gather(self, unit: Unit) -> UnitCache:
         """The neck, from Hiera's stage ends. The chain kept each stage end's outputs as it passed; the last
@@ -269,25 +312,29 @@ class Capturer:
         )
         ends = [self._stage_ends.pop(name) for name in unit.gathers]
         float_unit = self.float_model.get_submodule(unit.name)
-        cache = gather_cache(
+        return gather_cache(
             [q for q, _ in ends], [f for _, f in ends], float_unit, unit.name, self.batch_size
         )
-        return self.place(cache)
 
     def _loop_unit(self, unit: Unit) -> UnitCache:
-        if unit.name not in self._float:
-            names = [unit.name] if self._float_pass_done else [*self._recorded_roots, unit.name]
-            self._float.update(self._record_pass(self.float_model, list(dict.fromkeys(names)), "float"))
+        if not self._float_pass_done:
             self._float_pass_done = True
-        if unit.name in self._shared:
-            quant_calls = self._shared.pop(unit.name)
-        else:
+            names = list(dict.fromkeys([*self._recorded_roots, unit.name]))
+            self._float.update(self._record_pass(self.float_model, names, "float"))
+        float_calls = self._float.pop(unit.name, None)
+        if float_calls is None:  # left out of the float pass (host budget) or not planned
+            float_calls = self._record_pass(self.float_model, [unit.name], "float")[unit.name]
+        quant_calls = self._shared.pop(unit.name, None)
+        if quant_calls is None:
             quant_calls = self._record_pass(self.model, [unit.name], "quantized")[unit.name]
-        return self.place(UnitCache(quant_calls, self._float.pop(unit.name), unit.batchable, unit.name))
+        return UnitCache(quant_calls, float_calls, unit.batchable, unit.name)
 
     def _record_pass(self, model: nn.Module, names: list[str], what: str) -> dict[str, list[Call]]:
+        """One pass of the calibration set recording `names`, within the host budget (units that outgrow
+        it are left out: a float pass of their own, or an exact replay, at their turn)."""
         start = time.perf_counter()
-        with record_units(model, names) as recorded:
+        budget = self.host_budget() if len(names) > 1 else None
+        with record_units(model, names, budget) as recorded:
             self.workload.run(model, encoder_only=False)
-        log.info("  %s pass recorded %d unit(s) in %.1f s", what, len(names), time.perf_counter() - start)
+        log.info("  %s pass recorded %d unit(s) in %.1f s", what, len(recorded), time.perf_counter() - start)
         return recorded

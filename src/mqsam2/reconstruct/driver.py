@@ -36,7 +36,7 @@ from mqsam2.reconstruct.cache import UnitCache
 from mqsam2.reconstruct.capture import Capturer
 from mqsam2.reconstruct.hvq import HierarchicalVideoLoss, is_video_unit
 from mqsam2.reconstruct.module import UnitReconstruction, unit_error
-from mqsam2.reconstruct.placement import CachePolicy
+from mqsam2.reconstruct.placement import CachePolicy, host_budget
 from mqsam2.reconstruct.report import plot_loss_curve, read_metrics
 from mqsam2.reconstruct.rounding import BetaSchedule
 from mqsam2.reconstruct.units import Unit, reconstruction_units
@@ -135,21 +135,20 @@ class Reconstructor:
             float_model,
             self.workload,
             self.all_units,
-            self.units,
             config.capture,
             config.batch_size,
             place=self._place,
+            host_budget=lambda: host_budget(config.host_cache_gb),
         )
+        self.capturer.plan(self.units, self.units)
 
     def run(self) -> None:
         plan = phases(self.config)
         self._write_unit_log()  # a run stopped between a unit's state and its log line gets the line back
-        unfinished = [
-            any(not self.run_dir.phase_state(u.name, p.name).exists() for p in plan) for u in self.units
-        ]
+        self.capturer.plan(self.units, [u for u in self.units if not self._finished(u, plan)])
         for index, unit in enumerate(self.units, start=1):
             log.info("unit %d/%d: %s (%d layers)", index, len(self.units), unit.name, len(unit.layers))
-            self.capturer.before(unit, pending=any(unfinished[index - 1 :]))
+            self.capturer.before(unit)
             cache = None
             rounded = {k: v.clone() for k, v in unit.module.state_dict().items()}  # round-to-nearest
             for phase in plan:
@@ -165,6 +164,9 @@ class Reconstructor:
         if self.rank == 0:
             plan = phases(self.config)
             self.run_dir.write_unit_log([(u.name, p.name) for u in self.units for p in plan])
+
+    def _finished(self, unit: Unit, plan: list[Phase]) -> bool:
+        return all(self.run_dir.phase_state(unit.name, phase.name).exists() for phase in plan)
 
     def _place(self, cache: UnitCache) -> UnitCache:
         config = self.config

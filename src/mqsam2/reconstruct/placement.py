@@ -10,6 +10,7 @@ which halves both the memory and the copies.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,12 +37,24 @@ class CachePolicy:
         return nbytes <= budget
 
     def place(self, cache: UnitCache, device: torch.device) -> UnitCache:
-        """The cache cast to its dtype, then moved to `device` or pinned in host memory (CPU runs: as is)."""
-        cache.to(dtype=torch.bfloat16 if self.bf16 else None)
+        """A copy of the cache cast to its dtype, then moved to `device` or pinned in host memory (CPU runs:
+        on the host); the cache given is left as it was."""
+        cache = cache.copy().to(dtype=torch.bfloat16 if self.bf16 else None)
         if device.type != "cuda":
             return cache.to("cpu")
         free, _ = torch.cuda.mem_get_info(device)
         return cache.to(device) if self.on_device(cache.nbytes, free) else cache.to("cpu").pin()
+
+
+def host_budget(gb: float | None) -> int | None:
+    """Bytes a capture pass may hold in host memory for several units: `gb`, or half of the memory available
+    now (Linux), or no limit where that cannot be read."""
+    if gb is not None:
+        return int(gb * 2**30)
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 class BatchFeeder:
