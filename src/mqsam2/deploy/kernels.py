@@ -1,4 +1,4 @@
-"""Run a quantized SAM2 on real low-bit kernels: `deploy(model)` swaps its quantized layers in place.
+"""Run a quantized SAM2 on real low-bit PyTorch kernels: `deploy(model)` swaps its quantized layers in place.
 
 The fake-quant model (`mqsam2.quant.quantize` + calibration, or `mqsam2.export.load_export`) computes every layer
 in float with rounded weights; here each layer goes to the fastest kernel that reproduces its weights:
