@@ -234,5 +234,6 @@ def test_quantized_sam2_export_keeps_the_codes_and_follows_the_fake_quant_model(
     for optimize in (False, True):  # the graph as exported, then with ONNX Runtime's integer kernels
         predictor = OnnxImagePredictor(tmp_path, threads=1, optimize=optimize)
         error = _relative_error(predictor.encode(frames[1])["image_embed"], embedding)
+        assert error <= 2 * floor + 1e-5  # measured: 0.224 against a float64 floor of 0.219
         fidelity = mask_fidelity(fake_quant, onnx_box_predictor(predictor), prompts)
-        print(optimize, floor, error, fidelity)
+        assert fidelity.iou_mean >= 0.85  # measured: 0.92-0.93 (2-bit activations on random weights)
