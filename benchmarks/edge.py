@@ -10,8 +10,8 @@ layers as MatMulNBits (`low_bit_kernel="int4"`) instead of int8 QDQ.
 Speed: one warm-up call per session, then `--repeats` rounds; each round runs every variant's encoder once on
 the same image (interleaved, so load from other processes spreads over all variants); the table gives the
 median (and the minimum) seconds per image and the speed ratio to fp32 from each. The decoder: a box prompt,
-median over the rounds. Memory: peak resident set size of a fresh process that loads the two sessions and
-runs them once (spawned per variant). Size: encoder.onnx + decoder.onnx on disk. Fidelity: mask IoU of the
+median over the rounds. Memory: the peak resident memory that loading the two sessions and running them
+once adds to a fresh process (spawned per variant). Size: encoder.onnx + decoder.onnx on disk. Fidelity: mask IoU of the
 ONNX masks against the PyTorch fake-quant model's (box prompts on held-out synthetic images), and the relative
 error of the image embedding against the fake-quant model's.
 
@@ -26,9 +26,7 @@ import copy
 import gc
 import json
 import math
-import multiprocessing
 import os
-import resource
 import statistics
 import tempfile
 import time
@@ -44,6 +42,7 @@ from mqsam2.data import calibration_set, ensure_synth
 from mqsam2.deploy.fidelity import mask_fidelity, onnx_box_predictor, prompt_sets, torch_box_predictor
 from mqsam2.deploy.onnx import OnnxExportConfig, OnnxImagePredictor, export_image_predictor
 from mqsam2.deploy.onnx.export import IMAGE_PREDICTOR
+from mqsam2.deploy.onnx.runtime import peak_memory_mib
 from mqsam2.importance import ImportanceCollector
 from mqsam2.models import build_sam2, image_features
 from mqsam2.quant import QuantConfig, calibration, quantizable_layers, quantize
@@ -113,24 +112,6 @@ def build_variants(args, image_size: int, directory: Path, workload: Workload, h
     return rows
 
 
-def _peak_rss(directory: str, threads: int, image_size: int, queue) -> None:
-    predictor = OnnxImagePredictor(directory, threads=threads)
-    predictor.set_image(np.zeros((3, image_size, image_size), np.float32))
-    predictor.predict_box(np.array([0.2, 0.2, 0.7, 0.7]) * image_size)
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-
-
-def peak_rss_mib(directory: str, threads: int, image_size: int) -> float:
-    """Peak resident memory (MiB) of a fresh process that loads the predictor and runs it once."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_peak_rss, args=(directory, threads, image_size, queue))
-    process.start()
-    peak = queue.get()
-    process.join()
-    return peak
-
-
 def time_variants(rows: list[dict], args, image: torch.Tensor) -> None:
     """Interleaved rounds over every variant; fills the timing fields of each row."""
     predictors = {row["variant"]: OnnxImagePredictor(row["dir"], threads=args.threads) for row in rows}
@@ -159,7 +140,7 @@ def time_variants(rows: list[dict], args, image: torch.Tensor) -> None:
     predictors.clear()
     gc.collect()
     for row in rows:
-        row["peak_rss_mib"] = peak_rss_mib(row["dir"], args.threads, row["image_size"])
+        row["peak_memory_mib"] = peak_memory_mib(row["dir"], args.threads)
 
 
 def ratio(value: float, reference: float, inverse: bool = False) -> str:
@@ -171,7 +152,7 @@ def ratio(value: float, reference: float, inverse: bool = False) -> str:
 def table(rows: list[dict]) -> str:
     head = [
         "px", "variant", "layers (ONNX kernel)", "encoder s (median)", "speed vs fp32", "encoder s (min)",
-        "speed vs fp32 (min)", "decoder ms", "peak RSS MiB", "file MB", "size vs fp32", "mask IoU vs fake-quant (mean / min)",
+        "speed vs fp32 (min)", "decoder ms", "peak memory MiB", "file MB", "size vs fp32", "mask IoU vs fake-quant (mean / min)",
         "emb err vs fake-quant",
     ]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -187,7 +168,7 @@ def table(rows: list[dict]) -> str:
             f"{row['encoder_s_min']:.3f}",
             ratio(row["encoder_s_min"], fp32["encoder_s_min"], inverse=True),
             f"{row['decoder_ms_median']:.1f}",
-            f"{row['peak_rss_mib']:.0f}",
+            f"{row['peak_memory_mib']:.0f}",
             f"{row['file_bytes'] / 1e6:.1f}",
             ratio(row["file_bytes"], fp32["file_bytes"]),
             f"{row['iou_mean_fakequant']:.4f} / {row['iou_min_fakequant']:.4f}",
