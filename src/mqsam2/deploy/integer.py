@@ -9,7 +9,8 @@ integer factors are exact in two GEMMs:
 
 - `fp8`: when weights and activations have at most 4 bits, `a - z_a` and `q - z` are integers in -15..15,
   which float8 e4m3 holds exactly; `torch._scaled_mm` multiplies them with row-wise scales s_a and S_n and
-  accumulates in fp32 (the sums stay far below 2^24, so they are exact too).
+  accumulates in fp32 (the sums stay far below 2^24, so they are exact too). The codes are held two per
+  byte and unpacked to float8 on each call.
 - `int8`: otherwise `torch._int_mm` (int8 x int8 -> int32). A side of at most 7 bits enters as `code - z`
   (in -127..127); an 8-bit side enters as `code - 128` and the zero-point's share is added back from the
   other side's row or column sums, which is exact integer algebra:
@@ -23,6 +24,7 @@ rounding of its output (bf16 under autocast, as every SAM2 layer on the GPU).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mqsam2.errors import MQSAM2Error
@@ -89,12 +91,18 @@ class IntegerLinear(nn.Module):
         self.register_buffer("bias", bias)
         if kernel == "fp8":
             self.act_centre = self.act_zero
-            self.register_buffer("weight_t", (codes - zero[:, None]).to(torch.float8_e4m3fn).t())
+            # two 4-bit codes per byte (low nibble first); unpacked to float8 on each call, in the compiled
+            # graph one elementwise kernel, so the weights take half a byte per parameter on the GPU
+            nibbles = F.pad(codes.to(torch.uint8), (0, self.in_features % 2)).reshape(
+                self.out_features, -1, 2
+            )
+            self.register_buffer("packed", nibbles[..., 0] | nibbles[..., 1] << 4)
+            self.register_buffer("zero_point", zero.clone())
             return
         weight_centre = _centre(layer.bits, zero)
         self.act_centre = float(_centre(act.bits, torch.tensor(self.act_zero)))
         weight = codes - weight_centre[:, None]
-        self.register_buffer("weight_t", weight.to(torch.int8).t().contiguous())
+        self.register_buffer("weight_t", weight.to(torch.int8).t())  # column-major [K, N], as cuBLAS wants
         # zero-point shares: (z_a - c_a) * sum_k B per column, (z - c_q) per row; both 0 below 8 bits
         act_offset = self.act_zero - self.act_centre
         weight_offset = zero - weight_centre
@@ -117,9 +125,13 @@ class IntegerLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         a = self._codes(rows)
         if self.kernel == "fp8":
+            codes = torch.stack([self.packed & 0x0F, self.packed >> 4], dim=-1).flatten(1)[
+                :, : self.in_features
+            ]
+            weight = (codes.float() - self.zero_point[:, None]).to(torch.float8_e4m3fn)
             y = torch._scaled_mm(
                 a.to(torch.float8_e4m3fn),
-                self.weight_t,
+                weight.t(),
                 scale_a=torch.full((a.shape[0], 1), self.act_scale, device=x.device),
                 scale_b=self.weight_scale[None],
                 out_dtype=torch.bfloat16,
@@ -128,7 +140,7 @@ class IntegerLinear(nn.Module):
             count = a.shape[0]
             a = a.to(torch.int8)
             if count < INT_MM_MIN_ROWS:
-                a = torch.nn.functional.pad(a, (0, 0, 0, INT_MM_MIN_ROWS - count))
+                a = F.pad(a, (0, 0, 0, INT_MM_MIN_ROWS - count))
             acc = torch._int_mm(a, self.weight_t)[:count].float()
             if self.corrected:
                 row_sums = a[:count].float().sum(1, keepdim=True)
