@@ -9,8 +9,7 @@ integer factors are exact in two GEMMs:
 
 - `fp8`: when weights and activations have at most 4 bits, `a - z_a` and `q - z` are integers in -15..15,
   which float8 e4m3 holds exactly; `torch._scaled_mm` multiplies them with row-wise scales s_a and S_n and
-  accumulates in fp32 (the sums stay far below 2^24, so they are exact too). The codes are held two per
-  byte and unpacked to float8 on each call.
+  accumulates in fp32 (the sums stay far below 2^24, so they are exact too).
 - `int8`: otherwise `torch._int_mm` (int8 x int8 -> int32). A side of at most 7 bits enters as `code - z`
   (in -127..127); an 8-bit side enters as `code - 128` and the zero-point's share is added back from the
   other side's row or column sums, which is exact integer algebra:
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mqsam2.errors import MQSAM2Error
+from mqsam2.export.pack import pack_codes
 from mqsam2.quant.affine import qmax
 from mqsam2.quant.modules import QuantLayerMixin
 
@@ -69,7 +69,12 @@ def _centre(bits: int, zero_point: torch.Tensor) -> torch.Tensor:
 
 
 class IntegerLinear(nn.Module):
-    """A calibrated W{b}A{b} Linear on `torch._scaled_mm` (fp8) or `torch._int_mm` (int8); see the module doc."""
+    """A calibrated W{b}A{b} Linear on `torch._scaled_mm` (fp8) or `torch._int_mm` (int8); see the module doc.
+
+    The weight codes are held bit-packed at the layer's own width (b / 8 bytes per parameter, the export's bit
+    order: eight codes in b bytes) and unpacked on each call, in the compiled graph one elementwise kernel in
+    front of the GEMM.
+    """
 
     def __init__(self, layer: QuantLayerMixin, kernel: str):
         super().__init__()
@@ -78,39 +83,47 @@ class IntegerLinear(nn.Module):
             raise MQSAM2Error(
                 f"{quantizer.name}: finish its reconstruction unit (hardening) before deploying"
             )
-        self.kernel, self.in_features, self.out_features = kernel, layer.in_features, layer.out_features
+        self.kernel, self.bits = kernel, layer.bits
+        self.in_features, self.out_features = layer.in_features, layer.out_features
         act_scale = act.scale.detach().float()
         self.act_inverse = float(1.0 / act_scale)  # the float32 reciprocal fake_quantize multiplies by
         self.act_scale, self.act_zero, self.act_max = float(act_scale), float(act.zero_point), qmax(act.bits)
-        codes = quantizer.codes(layer.weight.detach()).float()
+        codes = quantizer.codes(layer.weight.detach())
         zero = quantizer.zero_point.detach().float()
         scale = quantizer.scale.detach().float()
+        self.register_buffer(
+            "packed", pack_codes(codes, self.bits).reshape(self.out_features, -1).to(codes.device)
+        )
+        self.register_buffer(
+            "byte_shifts", 8 * torch.arange(self.bits, device=codes.device), persistent=False
+        )
+        self.register_buffer(
+            "code_shifts", self.bits * torch.arange(8, device=codes.device), persistent=False
+        )
         self.register_buffer("weight_scale", scale.clone())
         self.register_buffer("output_scale", scale * act_scale)
-        bias = None if layer.bias is None else layer.bias.detach().float().clone()
-        self.register_buffer("bias", bias)
-        if kernel == "fp8":
-            self.act_centre = self.act_zero
-            # two 4-bit codes per byte (low nibble first); unpacked to float8 on each call, in the compiled
-            # graph one elementwise kernel, so the weights take half a byte per parameter on the GPU
-            nibbles = F.pad(codes.to(torch.uint8), (0, self.in_features % 2)).reshape(
-                self.out_features, -1, 2
-            )
-            self.register_buffer("packed", nibbles[..., 0] | nibbles[..., 1] << 4)
-            self.register_buffer("zero_point", zero.clone())
-            return
-        weight_centre = _centre(layer.bits, zero)
-        self.act_centre = float(_centre(act.bits, torch.tensor(self.act_zero)))
-        weight = codes - weight_centre[:, None]
-        self.register_buffer("weight_t", weight.to(torch.int8).t())  # column-major [K, N], as cuBLAS wants
-        # zero-point shares: (z_a - c_a) * sum_k B per column, (z - c_q) per row; both 0 below 8 bits
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float().clone())
+        # the integers subtracted from the codes before the GEMM: the zero-points (fp8; int8 up to 7 bits),
+        # or 128 for an 8-bit side of the int8 GEMM, whose zero-point share is added back from sums
+        self.act_centre = (
+            self.act_zero if kernel == "fp8" else float(_centre(act.bits, torch.tensor(self.act_zero)))
+        )
+        centre = zero if kernel == "fp8" else _centre(self.bits, zero)
+        self.register_buffer("weight_centre", centre.clone())
         act_offset = self.act_zero - self.act_centre
-        weight_offset = zero - weight_centre
+        weight_offset = zero - centre
+        column_sums = (codes.float() - centre[:, None]).sum(1)
         self.register_buffer(
-            "column_term", (act_offset * weight.sum(1) - self.in_features * act_offset * weight_offset)
+            "column_term", act_offset * column_sums - self.in_features * act_offset * weight_offset
         )
         self.register_buffer("weight_offset", weight_offset)
         self.corrected = bool(act_offset != 0 or weight_offset.any())
+
+    def weight_codes(self) -> torch.Tensor:
+        """The codes [N, K] unpacked (eight b-bit codes are one little-endian integer of b bytes)."""
+        groups = self.packed.reshape(self.out_features, -1, self.bits).long()
+        words = (groups << self.byte_shifts).sum(-1, keepdim=True)
+        return ((words >> self.code_shifts) & ((1 << self.bits) - 1)).reshape(self.out_features, -1)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
@@ -124,14 +137,11 @@ class IntegerLinear(nn.Module):
         out_dtype = output_dtype(x)
         rows = x.reshape(-1, self.in_features)
         a = self._codes(rows)
+        weight = self.weight_codes().float() - self.weight_centre[:, None]
         if self.kernel == "fp8":
-            codes = torch.stack([self.packed & 0x0F, self.packed >> 4], dim=-1).flatten(1)[
-                :, : self.in_features
-            ]
-            weight = (codes.float() - self.zero_point[:, None]).to(torch.float8_e4m3fn)
             y = torch._scaled_mm(
                 a.to(torch.float8_e4m3fn),
-                weight.t(),
+                weight.to(torch.float8_e4m3fn).t(),
                 scale_a=torch.full((a.shape[0], 1), self.act_scale, device=x.device),
                 scale_b=self.weight_scale[None],
                 out_dtype=torch.bfloat16,
@@ -141,7 +151,9 @@ class IntegerLinear(nn.Module):
             a = a.to(torch.int8)
             if count < INT_MM_MIN_ROWS:
                 a = F.pad(a, (0, 0, 0, INT_MM_MIN_ROWS - count))
-            acc = torch._int_mm(a, self.weight_t)[:count].float()
+            acc = torch._int_mm(a, weight.to(torch.int8).t())[
+                :count
+            ].float()  # B column-major, as cuBLAS wants
             if self.corrected:
                 row_sums = a[:count].float().sum(1, keepdim=True)
                 acc = acc - self.column_term[None] - row_sums * self.weight_offset[None]
