@@ -316,7 +316,7 @@ def deploy(model: nn.Module, config: DeployConfig | None = None) -> nn.Module:
         report.kernels[name] = kernel
         if fallback is not None:
             report.fallbacks[name] = fallback
-        report.calibrated_activations += layer.input_quantizer is not None
+        report.calibrated_activations += layer.input_quantizer is not None and not kernel.endswith("-static")
     report.attention_modules = _restore_float_attention(model)
     model.mqsam2_deploy_report = report
     return model
