@@ -76,8 +76,8 @@ class DeployConfig:
 
 @dataclass
 class DeployReport:
-    """Where each quantized layer went: `kernels[name]` is int4, int8 or float; `fallbacks[name]` says why a
-    layer did not get the kernel its bit-width selects."""
+    """Where each quantized layer went: `kernels[name]` is int4, int8, fp8-static, int8-static or float;
+    `fallbacks[name]` says why a layer did not get the kernel its bit-width selects."""
 
     kernels: dict[str, str] = field(default_factory=dict)
     fallbacks: dict[str, str] = field(default_factory=dict)
