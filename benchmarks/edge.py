@@ -42,7 +42,7 @@ from mqsam2.data import calibration_set, ensure_synth
 from mqsam2.deploy.fidelity import mask_fidelity, onnx_box_predictor, prompt_sets, torch_box_predictor
 from mqsam2.deploy.onnx import OnnxExportConfig, OnnxImagePredictor, export_image_predictor
 from mqsam2.deploy.onnx.export import IMAGE_PREDICTOR
-from mqsam2.deploy.onnx.runtime import peak_memory_mib
+from mqsam2.deploy.onnx.runtime import peak_memory_mib, profile_encoder
 from mqsam2.importance import ImportanceCollector
 from mqsam2.models import build_sam2, image_features
 from mqsam2.quant import QuantConfig, calibration, quantizable_layers, quantize
@@ -141,6 +141,10 @@ def time_variants(rows: list[dict], args, image: torch.Tensor) -> None:
     gc.collect()
     for row in rows:
         row["peak_memory_mib"] = peak_memory_mib(row["dir"], args.threads)
+        if args.profile:
+            row["profile_ms"] = profile_encoder(
+                Path(row["dir"]) / "encoder.onnx", image.numpy(), args.threads
+            )
 
 
 def ratio(value: float, reference: float, inverse: bool = False) -> str:
@@ -178,6 +182,19 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def profile_table(rows: list[dict]) -> str:
+    """Milliseconds per encoder call by op group (and the largest op types), one column per variant."""
+    keys = list(dict.fromkeys(k for r in rows for k in r["profile_ms"] if k.startswith("group: ")))
+    ops = {k for r in rows for k in r["profile_ms"] if not k.startswith("group: ")}
+    keys += sorted(ops, key=lambda k: -max(r["profile_ms"].get(k, 0.0) for r in rows))[:10]
+    head = ["op (ms per encoder call)", *(f"{r['image_size']} px {r['variant']}" for r in rows)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in keys:
+        cells = [f"{r['profile_ms'].get(key, 0.0):.0f}" for r in rows]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -193,6 +210,9 @@ def main() -> None:
     parser.add_argument("--data-root", default="data/bench")
     parser.add_argument("--keep", type=Path, help="keep the exports here (default: a temporary directory)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument(
+        "--profile", action="store_true", help="add each row's ONNX Runtime profile (ms per op type)"
+    )
     args = parser.parse_args()
     if "fp32" not in args.variants:
         args.variants.insert(0, "fp32")
@@ -216,6 +236,8 @@ def main() -> None:
             time_variants(size_rows, args, held_out[0].image)
             rows += size_rows
             print(table(size_rows), flush=True)
+            if args.profile:
+                print(profile_table(size_rows), flush=True)
     print(table(rows))
     if args.json:
         args.json.write_text(

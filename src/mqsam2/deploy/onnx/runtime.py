@@ -30,10 +30,16 @@ def has_qdq(path: str | Path) -> bool:
     return any(node.op_type == "DequantizeLinear" for node in model.graph.node)
 
 
-def session(path: str | Path, threads: int | None = None, optimize: bool = True) -> ort.InferenceSession:
+def session(
+    path: str | Path, threads: int | None = None, optimize: bool = True, profile_prefix: str | None = None
+) -> ort.InferenceSession:
     """A CPU session at full graph optimisation (`optimize=False`: the graph exactly as exported, QDQ nodes
-    unfused); `threads` intra-op threads (None: ONNX Runtime's default)."""
+    unfused); `threads` intra-op threads (None: ONNX Runtime's default); `profile_prefix`: write ONNX
+    Runtime's per-node profile (JSON) there."""
     options = ort.SessionOptions()
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
@@ -175,3 +181,40 @@ def float_equivalent_bytes(paths) -> int:
             elif init.name.endswith(".packed"):
                 total += 4 * 2 * numel
     return total
+
+
+# Where an encoder's time goes: the Linear layers' GEMMs (fp32 Gemm after MatMulAddFusion, the integer
+# MatMulIntegerToFloat, MatMulNBits) against attention's activation-by-activation products and softmax.
+OP_GROUPS = {
+    "Gemm": "linear layers",
+    "MatMulIntegerToFloat": "linear layers",
+    "MatMulNBits": "linear layers",
+    "MatMul": "attention (QK^T, PV, softmax)",
+    "FusedMatMul": "attention (QK^T, PV, softmax)",
+    "Softmax": "attention (QK^T, PV, softmax)",
+    "QuantizeLinear": "activation quantization",
+    "Clip": "activation quantization",
+}
+
+
+def profile_encoder(path: str | Path, image, threads: int | None = None) -> dict[str, float]:
+    """Milliseconds per op type of one encoder call (after a warm-up), from ONNX Runtime's profiler; the keys
+    of `OP_GROUPS` are summed into its groups too (prefixed "group: ")."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        encoder = session(path, threads, profile_prefix=str(Path(tmp) / "profile"))
+        feeds = {"image": np.asarray(image, np.float32).reshape(1, 3, *np.shape(image)[-2:])}
+        encoder.run(None, feeds)
+        encoder.run(None, feeds)
+        events = json.loads(Path(encoder.end_profiling()).read_text())
+    per_op: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            per_op[op] = per_op.get(op, 0.0) + event["dur"] / 2e3  # two calls, microseconds -> ms per call
+    groups: dict[str, float] = {}
+    for op, ms in per_op.items():
+        group = f"group: {OP_GROUPS.get(op, 'other')}"
+        groups[group] = groups.get(group, 0.0) + ms
+    return dict(sorted(per_op.items(), key=lambda item: -item[1])) | groups
