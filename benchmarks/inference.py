@@ -1,20 +1,28 @@
-"""Deployed inference: the exported W8A8, Avg-4 and Avg-6 models on real integer kernels against bf16 and
-bf16 + torch.compile of the same SAM2.1 model, side by side in one process.
+"""Deployed inference: the exported W8A8, Avg-4 and Avg-6 models on real integer kernels against bf16,
+bf16 + torch.compile of the image encoder, and sam2's vos_optimized recipe (the whole tracker compiled) of
+the same SAM2.1 model, side by side in one process.
 
 The quantized models come through the product's own path: importance on synthetic calibration clips, the
 exact ILP for Avg-4 (candidates 3, 4, 5) and Avg-6 (5, 6, 7), uniform 8 bits for W8A8, quantize + calibration
-(MinMax observers), `export_model` to a temporary directory, `load_export`, then `mqsam2.deploy.deploy`
-(<= 4-bit Linear layers on tinygemm int4, 5-8-bit ones on torchao int8 dynamic; docs/export.md). Weights are a
-seeded random init: speed, memory and fidelity to the source model are meaningful, accuracy is not.
+(MinMax observers), `export_model` to a temporary directory, `load_export`, then `mqsam2.deploy.deploy`.
+A plain name (`avg4`) deploys as before: <= 4-bit Linear layers on tinygemm int4, 5-8-bit ones on torchao
+int8 dynamic, the image encoder compiled. `+vos` (`avg4+vos`) deploys with the calibrated activation steps
+on fp8 / int8 GEMMs (`DeployConfig(activations="calibrated")`, `mqsam2.deploy.integer`) and compiles the
+whole tracker as sam2's vos_optimized predictor does (`mqsam2.deploy.compiled.compile_tracker`); the float
+row `bf16+vos` is that recipe on the float model. Weights are a seeded random init: speed, memory and
+fidelity to the source model are meaningful, accuracy is not.
 
 Per row: image-encoder images/s per `--batch` (warm-up, then `--repeats` timed calls, synchronised), video
 frames/s with sam2's protocol (one object prompted on frame 0 of a `--frames` synthetic clip, bf16 autocast
-on CUDA (the CPU smoke run stays fp32), one warm-up run, then `--video-runs` timed `propagate_in_video` runs), peak GPU memory of each (NaN on CPU),
-bytes of all weights and buffers held (`weight_nbytes`), the file on disk (the export; the fp32 checkpoint for
-float rows), and fidelity: relative error of the image embedding against the row's source (the fake-quant
-export run in fp32 for quantized rows, bf16 eager for float rows) and against bf16 eager, and the mean mask
-IoU (J) of the clip against bf16 eager. Ratios are against `bf16+compile` (or `bf16` when compile is off).
-As sam2 does, torch.compile covers the image encoder (fullgraph, static shapes); the tracker runs eager.
+on CUDA (the CPU smoke run stays fp32), one warm-up run, then `--video-runs` timed `propagate_in_video` runs),
+peak GPU memory of each (NaN on CPU), bytes of all weights and buffers held (`weight_nbytes`), the file on
+disk (the export; the fp32 checkpoint for float rows), and fidelity: relative error of the image embedding
+against the row's source (the fake-quant export run in fp32 for quantized rows, bf16 eager for float rows)
+and against bf16 eager, the mean mask IoU (J) of the clip against bf16 eager, and for quantized rows against
+the fake-quant model's own clip under the same autocast. Image rates compare with the better of bf16 and
+bf16+compile, video rates with bf16+vos (when measured), memory and weights with bf16. `--profile-dir`
+writes, per row, torch.profiler's top kernels of one encoder call and of one clip, with the wall time
+beside the summed GPU kernel time (close: GPU-bound; far apart: launch- or CPU-bound).
 
     python benchmarks/inference.py --size t --image-size 64 --frames 4 --repeats 2      # CPU: fp32, no compile
     TQDM_DISABLE=1 python benchmarks/inference.py --size b+ --image-size 1024 --frames 200 --json inference.json
@@ -39,6 +47,7 @@ from common import describe_device, synthetic_workload
 from mqsam2.allocation import allocate
 from mqsam2.data.stream import SyntheticStream
 from mqsam2.deploy import DeployConfig, deploy, weight_nbytes
+from mqsam2.deploy.compiled import compile_tracker
 from mqsam2.export import export_model, load_export
 from mqsam2.export.card import float_checkpoint_bytes
 from mqsam2.importance import ImportanceCollector
@@ -48,9 +57,10 @@ from mqsam2.models import build_sam2
 from mqsam2.quant import QuantConfig, calibration, quantizable_layers, quantize
 from mqsam2.workload import Workload
 
-FLOAT_VARIANTS = ("bf16", "bf16+compile")
+FLOAT_VARIANTS = ("bf16", "bf16+compile", "bf16+vos")
 QUANT_VARIANTS = {"w8a8": None, "avg4": (4, (3, 4, 5)), "avg6": (6, (5, 6, 7))}  # (target bits, candidates)
-VARIANTS = (*FLOAT_VARIANTS, *QUANT_VARIANTS)
+VARIANTS = (*FLOAT_VARIANTS, *QUANT_VARIANTS, *(f"{name}+vos" for name in QUANT_VARIANTS))
+COMPILED = ("bf16+compile", "bf16+vos")  # rows that need a compile mode
 
 
 class Bench:
@@ -142,7 +152,46 @@ def relative_error(value: torch.Tensor, reference: torch.Tensor | None) -> float
     return float((value - reference).norm() / reference.norm())
 
 
-def measure(model, bench: Bench, args: argparse.Namespace, stream: SyntheticStream, video_size) -> dict:
+def start_clip(model, stream: SyntheticStream, video_size) -> dict:
+    """An inference state over the stream with object 1 prompted by its mask on frame 0."""
+    state = model.init_state_from_frames(stream[0][None], video_size)
+    state["images"], state["num_frames"] = stream, len(stream)  # frames by index, on demand
+    model.add_prompt(state, 1, Prompt.from_mask(0, stream.mask(0).cpu()))
+    return state
+
+
+@torch.inference_mode()
+def clip_masks(model, bench: Bench, stream: SyntheticStream, video_size) -> torch.Tensor:
+    with bench.autocast():
+        state = start_clip(model, stream, video_size)
+        return torch.stack([logits[0, 0] > 0 for _, _, logits in model.propagate_in_video(state)]).cpu()
+
+
+def profile(run: Callable[[], None], bench: Bench, path: Path, title: str) -> None:
+    """torch.profiler's top 25 kernels of one `run`, with wall time against the summed device time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.cuda else [])
+    bench.sync()
+    start = time.perf_counter()
+    with torch_profile(activities=activities) as prof:
+        run()
+        bench.sync()
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    device_us = sum(e.self_device_time_total for e in events) if bench.cuda else math.nan
+    sort = "self_cuda_time_total" if bench.cuda else "self_cpu_time_total"
+    with open(path, "a") as out:
+        out.write(
+            f"## {title}: wall {1e3 * wall:.1f} ms, summed device kernel time {device_us / 1e3:.1f} ms\n"
+        )
+        out.write(events.table(sort_by=sort, row_limit=25) + "\n\n")
+
+
+def measure(
+    model, bench: Bench, args: argparse.Namespace, stream: SyntheticStream, video_size, name: str
+) -> dict:
     """Image-encoder rates and peaks per batch size, then the clip: frames/s, peak, and the warm-up's masks."""
     row: dict = {}
     with torch.inference_mode(), bench.autocast():
@@ -154,9 +203,7 @@ def measure(model, bench: Bench, args: argparse.Namespace, stream: SyntheticStre
             seconds, peak = bench.timed(lambda images=images: model.image_encoder(images), args.repeats)
             row[f"img_s_b{batch}"] = batch / seconds
             row[f"peak_mib_b{batch}"] = peak
-        state = model.init_state_from_frames(stream[0][None], video_size)
-        state["images"], state["num_frames"] = stream, len(stream)  # frames by index, on demand
-        model.add_prompt(state, 1, Prompt.from_mask(0, stream.mask(0).cpu()))
+        state = start_clip(model, stream, video_size)
         row["masks"] = torch.stack(
             [logits[0, 0] > 0 for _, _, logits in model.propagate_in_video(state)]
         ).cpu()
@@ -166,6 +213,11 @@ def measure(model, bench: Bench, args: argparse.Namespace, stream: SyntheticStre
                 pass
 
         seconds, peak = bench.timed(clip, args.video_runs)
+        if args.profile_dir is not None:
+            path = args.profile_dir / f"profile_{name.replace('+', '_')}.txt"
+            path.unlink(missing_ok=True)
+            profile(lambda: model.image_encoder(stream[0][None]), bench, path, "image encoder, batch 1")
+            profile(clip, bench, path, f"tracking {len(stream)} frames")
     row["video_fps"] = len(stream) / seconds
     row["video_peak_mib"] = peak
     row["weight_bytes"] = weight_nbytes(model)
@@ -176,7 +228,8 @@ def write_exports(float_model, workload: Workload, variants: list[str], director
     """{variant: (export path, plan description)}, each made by the product's path and written to disk."""
     exports = {}
     start = time.perf_counter()
-    for name, (config, description) in quant_configs(float_model, workload, variants).items():
+    bases = list(dict.fromkeys(v.removesuffix("+vos") for v in variants))  # avg4 and avg4+vos: one export
+    for name, (config, description) in quant_configs(float_model, workload, bases).items():
         exports[name] = (directory / f"{name}.mq", description)
         make_export(float_model, config, workload, exports[name][0])
         gc.collect()
@@ -194,7 +247,8 @@ def run_row(
     try:
         model, source, fields = prepare()
         row |= fields
-        measured = measure(model, bench, args, stream, video_size)
+        source_masks = row.pop("source_masks", None)
+        measured = measure(model, bench, args, stream, video_size, name)
         model = None
         embedding, masks = measured.pop("embedding"), measured.pop("masks")
         if name == "bf16":
@@ -203,6 +257,9 @@ def run_row(
         row["emb_err_bf16"] = relative_error(embedding, reference.get("embedding"))
         row["j_bf16"] = (
             float(region_similarity(masks, reference["masks"]).mean()) if "masks" in reference else math.nan
+        )
+        row["j_source"] = (
+            float(region_similarity(masks, source_masks).mean()) if source_masks is not None else math.nan
         )
         row |= measured
     except Exception as exc:
@@ -223,9 +280,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         from torchao.quantization.utils import recommended_inductor_config_setter
 
         recommended_inductor_config_setter()
-    variants = [
-        v for v in VARIANTS if v in args.variants and not (v == "bf16+compile" and compile_mode == "none")
-    ]
+    variants = [v for v in VARIANTS if v in args.variants and not (v in COMPILED and compile_mode == "none")]
     video_size = (args.image_size * 3 // 4, args.image_size)
     stream = SyntheticStream(args.frames, args.image_size, video_size, device)
     workload = synthetic_workload(
@@ -241,23 +296,30 @@ def run(args: argparse.Namespace) -> list[dict]:
     def float_row(name: str) -> tuple:
         if name == "bf16+compile":
             compile_image_encoder(float_model, compile_mode)
+        if name == "bf16+vos":  # a fresh model (same seed, same weights): the recipe compiles every part
+            fresh = build_sam2(args.size, image_size=args.image_size, seed=args.seed, device=device)
+            return compile_tracker(fresh, compile_mode), reference.get("embedding"), float_fields
         return float_model, reference.get("embedding"), float_fields
 
     def quant_row(name: str) -> tuple:
-        path, plan = exports[name]
+        base, vos = name.removesuffix("+vos"), name.endswith("+vos")
+        path, plan = exports[base]
         model = load_export(path, device=device)
         source = embedding(model, stream[0][None])  # the export's own semantics: fake-quant, fp32, eager
-        deploy(model, DeployConfig(int4_max_bits=args.int4_max_bits))
+        source_masks = clip_masks(model, bench, stream, video_size)  # ... and its clip, same autocast
+        activations = "calibrated" if vos else "dynamic"
+        deploy(model, DeployConfig(int4_max_bits=args.int4_max_bits, activations=activations))
         report = model.mqsam2_deploy_report
         free(bench)
         if compile_mode != "none":
-            compile_image_encoder(model, compile_mode)
+            compile_tracker(model, compile_mode) if vos else compile_image_encoder(model, compile_mode)
         kernels = " / ".join(f"{kernel} {n}" for kernel, n in sorted(report.counts().items()))
         fields = {
             "kernels": kernels,
             "plan": plan,
             "deploy": report.summary(),
             "file_bytes": path.stat().st_size,
+            "source_masks": source_masks,
         }
         return model, source, fields
 
@@ -283,16 +345,27 @@ def number(value: float, spec: str) -> str:
     return "-" if math.isnan(value) else format(value, spec)
 
 
+def best_float(rows: list[dict], key: str, names: tuple[str, ...]) -> float:
+    """The best (highest) value of `key` among the measured float rows named."""
+    values = [r[key] for r in rows if r["variant"] in names and "error" not in r and not math.isnan(r[key])]
+    return max(values, default=math.nan)
+
+
 def table(rows: list[dict], batches: list[int]) -> str:
+    """Image rates against the better of bf16 and bf16+compile, video against bf16+vos (else the better
+    float row), memory and weights against bf16."""
     measured = [r for r in rows if "error" not in r]
-    ref = next((r for r in measured if r["variant"] == "bf16+compile"), None) or next(
-        (r for r in measured if r["variant"] == "bf16"), None
-    )
+    bf16 = next((r for r in measured if r["variant"] == "bf16"), None) or (measured[0] if measured else None)
+    if bf16 is None:
+        return "\n".join(f"| {r['variant']} | failed: {r['error']} |" for r in rows)
+    video_ref = best_float(measured, "video_fps", ("bf16+vos",))
+    if math.isnan(video_ref):
+        video_ref = best_float(measured, "video_fps", FLOAT_VARIANTS)
     head = ["variant", "kernels"]
     for b in batches:
-        head += [f"img/s b{b}", "vs ref", f"peak MiB b{b}", "vs ref"]
-    head += ["video fps", "vs ref", "video peak MiB", "vs ref", "weights MB", "vs ref", "file MB"]
-    head += ["emb err vs source", "emb err vs bf16", "J vs bf16"]
+        head += [f"img/s b{b}", "vs best bf16", f"peak MiB b{b}", "vs bf16"]
+    head += ["video fps", "vs bf16+vos", "video peak MiB", "vs bf16", "weights MB", "vs bf16", "file MB"]
+    head += ["emb err vs source", "emb err vs bf16", "J vs bf16", "J vs source"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:
@@ -300,13 +373,14 @@ def table(rows: list[dict], batches: list[int]) -> str:
             continue
         cells = [r["variant"], r["kernels"]]
         for b in batches:
-            for key, spec in ((f"img_s_b{b}", ".2f"), (f"peak_mib_b{b}", ".0f")):
-                cells += [number(r[key], spec), ratio(r[key], ref[key])]
-        cells += [number(r["video_fps"], ".2f"), ratio(r["video_fps"], ref["video_fps"])]
-        cells += [number(r["video_peak_mib"], ".0f"), ratio(r["video_peak_mib"], ref["video_peak_mib"])]
-        cells += [f"{r['weight_bytes'] / 1e6:.1f}", ratio(r["weight_bytes"], ref["weight_bytes"])]
+            best = best_float(measured, f"img_s_b{b}", ("bf16", "bf16+compile"))
+            cells += [number(r[f"img_s_b{b}"], ".2f"), ratio(r[f"img_s_b{b}"], best)]
+            cells += [number(r[f"peak_mib_b{b}"], ".0f"), ratio(r[f"peak_mib_b{b}"], bf16[f"peak_mib_b{b}"])]
+        cells += [number(r["video_fps"], ".2f"), ratio(r["video_fps"], video_ref)]
+        cells += [number(r["video_peak_mib"], ".0f"), ratio(r["video_peak_mib"], bf16["video_peak_mib"])]
+        cells += [f"{r['weight_bytes'] / 1e6:.1f}", ratio(r["weight_bytes"], bf16["weight_bytes"])]
         cells += [f"{r['file_bytes'] / 1e6:.1f}"]
-        cells += [number(r[k], ".4f") for k in ("emb_err_source", "emb_err_bf16", "j_bf16")]
+        cells += [number(r[k], ".4f") for k in ("emb_err_source", "emb_err_bf16", "j_bf16", "j_source")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -326,7 +400,8 @@ def main() -> None:
     parser.add_argument(
         "--compile-mode",
         choices=["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-        help="torch.compile mode of the image encoder (default: default on CUDA, none on CPU)",
+        help="torch.compile mode of the compiled rows (default: default on CUDA, none on CPU; sam2's "
+        "vos_optimized uses max-autotune)",
     )
     parser.add_argument(
         "--int4-max-bits", type=int, default=4, help="DeployConfig.int4_max_bits (0: int8 only)"
@@ -342,7 +417,10 @@ def main() -> None:
     parser.add_argument("--data-root", default="data/bench")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--profile-dir", type=Path, help="write each row's torch.profiler tables here")
     args = parser.parse_args()
+    if args.profile_dir is not None:
+        args.profile_dir.mkdir(parents=True, exist_ok=True)
     print(
         f"SAM2.1-{args.size} random init at {args.image_size} px, {args.frames}-frame clip, {describe_device()}, "
         f"torch {torch.__version__}",
@@ -352,7 +430,13 @@ def main() -> None:
     print(table(rows, args.batch))
     if args.json:
         args.json.write_text(
-            json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=1)
+            json.dumps(
+                {
+                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                    "rows": rows,
+                },
+                indent=1,
+            )
         )
 
 

@@ -84,3 +84,10 @@ def _run(script: str, *args: str, tmp_path: Path) -> str:
 )
 def test_benchmark_runs_at_toy_size(script, args, expect, tmp_path):
     assert expect in _run(script, *args, tmp_path=tmp_path)
+
+
+@pytest.mark.slow  # two variants, each two SAM2 graphs through torch.export
+def test_edge_benchmark_runs_at_toy_size(tmp_path):
+    args = ["--image-sizes", "128", "--variants", "fp32", "w8a8", "--repeats", "1", "--calib-images", "1"]
+    args += ["--eval-images", "1", "--threads", "1"]
+    assert "| 128 | w8a8 |" in _run("edge.py", *args, tmp_path=tmp_path)

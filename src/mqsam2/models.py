@@ -229,13 +229,22 @@ class TensorImagePredictor(SAM2ImagePredictor):
             )
         self.reset_predictor()
         self._orig_hw = [tuple(int(v) for v in orig_hw)]
-        backbone_out = self.model.forward_image(image[None].to(self.device))
-        _, vision_feats, _, _ = self.model._prepare_backbone_features(backbone_out)
-        if self.model.directly_add_no_mem_embed:
-            vision_feats[-1] = vision_feats[-1] + self.model.no_mem_embed
-        feats = [
-            f.permute(1, 2, 0).view(1, -1, *hw)
-            for f, hw in zip(vision_feats, self._bb_feat_sizes, strict=True)
-        ]
-        self._features = {"image_embed": feats[-1], "high_res_feats": feats[:-1]}
+        image_embed, high_res_feats = image_features(self.model, image[None].to(self.device))
+        self._features = {"image_embed": image_embed, "high_res_feats": high_res_feats}
         self._is_image_set = True
+
+
+def image_features(model: SAM2Base, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """What sam2's image predictor keeps of prepared images [B, 3, S, S]: the image embedding (the no-memory
+    embedding added) and the mask decoder's two high-resolution feature maps, all as [B, C, H, W]."""
+    size = model.image_size
+    feat_sizes = [(size // 4, size // 4), (size // 8, size // 8), (size // 16, size // 16)]
+    backbone_out = model.forward_image(images)
+    _, vision_feats, _, _ = model._prepare_backbone_features(backbone_out)
+    if model.directly_add_no_mem_embed:
+        vision_feats[-1] = vision_feats[-1] + model.no_mem_embed
+    feats = [
+        f.permute(1, 2, 0).reshape(images.shape[0], -1, *hw)
+        for f, hw in zip(vision_feats, feat_sizes, strict=True)
+    ]
+    return feats[-1], feats[:-1]

@@ -212,6 +212,14 @@ def _markdown(card: dict) -> str:
     if "metrics" in card:
         lines += ["## Metrics", "", *_metrics_table(card["metrics"]), ""]
     lines += ["## Size", "", "```", bytes_table(card), "```", ""]
+    if "deployment" in card:
+        lines += ["## Deployment", "", "| target | measure | value |", "|---|---|---|"]
+        lines += [
+            f"| {target} | {key} | {value} |"
+            for target, report in card["deployment"].items()
+            for key, value in report.items()
+        ]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -240,3 +248,12 @@ def write_card(card: dict, path: Path) -> None:
     markdown, data = card_paths(path)
     write_text(markdown, _markdown(card))
     write_text(data, json.dumps(card, indent=1) + "\n")
+
+
+def add_deployment(path: Path, target: str, summary: dict) -> None:
+    """Record a deployment target's measured summary (speed, memory, size, fidelity) in the card of the
+    export at `path`, both files."""
+    data = card_paths(path)[1]
+    card = json.loads(data.read_text())
+    card.setdefault("deployment", {})[target] = summary
+    write_card(card, path)

@@ -1,4 +1,4 @@
-"""Run a quantized SAM2 on real low-bit kernels: `deploy(model)` swaps its quantized layers in place.
+"""Run a quantized SAM2 on real low-bit PyTorch kernels: `deploy(model)` swaps its quantized layers in place.
 
 The fake-quant model (`mqsam2.quant.quantize` + calibration, or `mqsam2.export.load_export`) computes every layer
 in float with rounded weights; here each layer goes to the fastest kernel that reproduces its weights:
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from mqsam2.deploy.integer import IntegerLinear, integer_kernel, output_dtype
 from mqsam2.errors import MQSAM2Error
 from mqsam2.quant.affine import dequantize_affine
 from mqsam2.quant.modules import QuantAttentionMixin, QuantLayerMixin
@@ -54,13 +55,19 @@ class DeployConfig:
     `int4_max_bits`: Linear layers at or below this width run on the int4 kernel (0 sends every layer to the
     int8 path, e.g. to compare the two at large token counts). `set_inductor_config`: apply torchao's
     recommended global Inductor settings (coordinate-descent tuning, int_mm fusion); off by default because
-    they also change every other model compiled in the process.
+    they also change every other model compiled in the process. `activations="calibrated"` runs every Linear
+    that has a calibrated input quantizer on `mqsam2.deploy.integer.IntegerLinear` (fp8 GEMM up to 4 bits,
+    int8 GEMM above, both exact in the codes of weights and activations, as the fake-quant model computes);
+    the default "dynamic" keeps the weight-only int4 / dynamic int8 kernels below.
     """
 
     int4_max_bits: int = 4
     set_inductor_config: bool = False
+    activations: str = "dynamic"
 
     def __post_init__(self) -> None:
+        if self.activations not in ("dynamic", "calibrated"):
+            raise MQSAM2Error(f"activations={self.activations!r}: use 'dynamic' or 'calibrated'")
         if not 0 <= self.int4_max_bits <= 4:
             raise MQSAM2Error(
                 f"int4_max_bits={self.int4_max_bits}: use 0..4 (the int4 kernel holds 4-bit codes)"
@@ -69,8 +76,8 @@ class DeployConfig:
 
 @dataclass
 class DeployReport:
-    """Where each quantized layer went: `kernels[name]` is int4, int8 or float; `fallbacks[name]` says why a
-    layer did not get the kernel its bit-width selects."""
+    """Where each quantized layer went: `kernels[name]` is int4, int8, fp8-static, int8-static or float;
+    `fallbacks[name]` says why a layer did not get the kernel its bit-width selects."""
 
     kernels: dict[str, str] = field(default_factory=dict)
     fallbacks: dict[str, str] = field(default_factory=dict)
@@ -93,14 +100,6 @@ class DeployReport:
                 "activations; int8: per-token dynamic int8)"
             )
         return "\n".join(lines)
-
-
-def _output_dtype(x: torch.Tensor) -> torch.dtype:
-    """What a float Linear would return: the autocast dtype inside autocast, else the input's dtype."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
 
 
 def int4_unsupported_reason(in_features: int, device: torch.device) -> str | None:
@@ -178,7 +177,7 @@ class Int4WeightOnlyLinear(nn.Module):
                 f"int4 weights were packed for {self.layout} but the input is on {x.device.type}: move the "
                 "model to its device before mqsam2.deploy.deploy"
             )
-        out_dtype = _output_dtype(x)
+        out_dtype = output_dtype(x)
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         if rows.shape[0] == 0:
             y = rows.new_zeros(0, self.out_features)
@@ -226,7 +225,7 @@ class Int8DynamicLinear(nn.Linear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(_output_dtype(x))
+        return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(output_dtype(x))
 
 
 def _dequantized_weight(layer: QuantLayerMixin) -> torch.Tensor:
@@ -235,7 +234,7 @@ def _dequantized_weight(layer: QuantLayerMixin) -> torch.Tensor:
     return dequantize_affine(codes, quantizer.scale.detach(), quantizer.zero_point.detach(), axis=0)
 
 
-def _check_deployable(name: str, layer: QuantLayerMixin) -> None:
+def check_deployable(name: str, layer: QuantLayerMixin) -> None:
     if layer.weight_quantizer.alpha is not None:
         raise MQSAM2Error(
             f"layer {name} still holds soft AdaRound rounding: finish its reconstruction unit (hardening) "
@@ -247,7 +246,7 @@ def _deploy_layer(
     name: str, layer: QuantLayerMixin, config: DeployConfig
 ) -> tuple[nn.Module, str, str | None]:
     """(replacement, kernel, why it fell back or None)."""
-    _check_deployable(name, layer)
+    check_deployable(name, layer)
     if not isinstance(layer, nn.Linear):
         return (
             layer.to_float(_dequantized_weight(layer)),
@@ -255,10 +254,15 @@ def _deploy_layer(
             "Conv2d: no low-bit convolution kernel",
         )
     fallback = None
+    if config.activations == "calibrated":
+        kernel, fallback = integer_kernel(layer)
+        if kernel is not None:
+            return IntegerLinear(layer, kernel), f"{kernel}-static", None
     if layer.bits <= config.int4_max_bits:
-        fallback = int4_unsupported_reason(layer.in_features, layer.weight.device)
-        if fallback is None:
-            return Int4WeightOnlyLinear.from_quantized(layer), "int4", None
+        int4_reason = int4_unsupported_reason(layer.in_features, layer.weight.device)
+        if int4_reason is None:
+            return Int4WeightOnlyLinear.from_quantized(layer), "int4", fallback
+        fallback = int4_reason
     return Int8DynamicLinear.from_weight(_dequantized_weight(layer), layer.bias, config), "int8", fallback
 
 
@@ -298,7 +302,7 @@ def deploy(model: nn.Module, config: DeployConfig | None = None) -> nn.Module:
         report.kernels[name] = kernel
         if fallback is not None:
             report.fallbacks[name] = fallback
-        report.calibrated_activations += layer.input_quantizer is not None
+        report.calibrated_activations += layer.input_quantizer is not None and not kernel.endswith("-static")
     report.attention_modules = _restore_float_attention(model)
     model.mqsam2_deploy_report = report
     return model
