@@ -49,5 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     return run_command(lambda: _deploy(args), on_stop="the deployment is unfinished; run the command again")
 
+
 if __name__ == "__main__":
     sys.exit(main())
