@@ -288,3 +288,20 @@ def test_measured_allocation_without_tables_or_counts_says_what_to_delete():
         allocate(plain, target_avg=4, candidates=[3, 4, 5], error="measured", activations="separate")
     with pytest.raises(AllocationError, match="activation element counts"):
         allocate(plain, target_avg=4, candidates=[3, 4, 5], activations="separate")
+
+
+def test_propagated_allocation_weighs_each_error_by_its_downstream_gain():
+    # The tables above, but the big layer's errors reach the masks 20x as strongly as the small one's. By hand,
+    # separate budgets: weights big 3 + small 5 cost 20*0.02 + 0.1 = 0.5, big 4 + small 4 cost 20*0.01 + 0.2 =
+    # 0.4, so 4 + 4 (the Eq. 4 weighting above chose 3 + 5); inputs 4 + 4 as before.
+    importance = {
+        name: layer._replace(gain=gain)
+        for (name, layer), gain in zip(importance_with_tables().items(), (20.0, 1.0), strict=True)
+    }
+    result = allocate(
+        importance, target_avg=4, candidates=[3, 4, 5], error="propagated", activations="separate"
+    )
+    assert result.plan == {"big.fc": 4, "small.qkv": 4} and result.act_plan == {"big.fc": 4, "small.qkv": 4}
+    assert result.objective == pytest.approx(20 * 0.01 + 0.2 + 20 * 0.4 + 0.02)
+    with pytest.raises(AllocationError, match="no downstream gain"):
+        allocate(importance_with_tables(), target_avg=4, candidates=[3, 4, 5], error="propagated")

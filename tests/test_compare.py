@@ -1,14 +1,27 @@
 """The compare grid: the paired bootstrap against exact enumeration, the per-clip aggregation against the
 J&F definition, and the CLI's table, reuse of finished cells and errors on a toy grid."""
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from mqsam2.compare import ClipScore, CompareConfig, Row, aggregate, main, paired_bootstrap, parse_config
+from mqsam2.compare import (
+    ClipScore,
+    CompareConfig,
+    Row,
+    aggregate,
+    main,
+    pack_masks,
+    paired_bootstrap,
+    parse_config,
+    unpack_masks,
+)
+from mqsam2.config import ReconstructionConfig, changed_identity
 from mqsam2.errors import MQSAM2Error
 from mqsam2.methods import get_method
 
@@ -64,6 +77,26 @@ def test_rows_need_distinct_names_and_a_known_baseline():
     assert Row("qsam2", 2, act_bits=4).name == "qsam2-w2a4" and Row("qsam2", 4).name == "qsam2-w4a4"
 
 
+def test_stored_results_are_keyed_by_changed_settings_only():
+    """An option added later at its default, or an execution setting, must not invalidate finished cells."""
+    assert changed_identity(ReconstructionConfig()) == {}
+    changed = ReconstructionConfig(iters=5, cuda_graphs=False, cache_gb=1.0)
+    assert changed_identity(changed) == {"iters": 5}
+    hvq = changed_identity(
+        ReconstructionConfig(hvq=dataclasses.replace(ReconstructionConfig().hvq, beta=0.25))
+    )
+    assert hvq == {"hvq": {"beta": 0.25}}
+
+
+def test_packed_masks_round_trip_exactly():
+    masks = (
+        torch.rand(3, 5, 7, 11, generator=torch.Generator().manual_seed(0)) > 0.5
+    )  # 1155 bits: not whole bytes
+    packed = pack_masks(masks)
+    assert packed["bits"].numel() == -(-masks.numel() // 8)
+    assert torch.equal(unpack_masks(packed), masks)
+
+
 @pytest.mark.slow
 def test_toy_grid_writes_table_chart_per_clip_json_and_reuses_finished_cells(tmp_path, caplog):
     config = tmp_path / "grid.yaml"
@@ -83,20 +116,33 @@ images: false
 rows:
   - {{method: fp}}
   - {{method: minmax, bits: 4}}
-  - {{method: mixqsam2-measured, bits: 4, iters: 2}}
+  - {{method: mixqsam2-propagated, bits: 4, iters: 2}}
 """
     )
     assert main(["--config", str(config)]) == 0
     out = tmp_path / "out" / "toy"
     table = (out / "table.md").read_text()
-    assert "mixqsam2-measured-avg4" in table and "Δ fidelity vs minmax-w4a4" in table
+    assert "mixqsam2-propagated-avg4" in table and "Δ fidelity vs minmax-w4a4" in table
     assert (out / "table.png").stat().st_size > 0
     per_clip = json.loads((out / "per_clip.json").read_text())
     assert len(per_clip["minmax-w4a4/fifo"]) == 2
-    cell = json.loads((out / "cells" / "mixqsam2-measured-avg4__fifo.json").read_text())
+    cell = json.loads((out / "cells" / "mixqsam2-propagated-avg4__fifo.json").read_text())
     assert cell["weight_avg_bits"] <= 4 and cell["act_avg_bits"] <= 4
     assert (out / "cells" / "fp__fifo.json").exists()
     caplog.clear()
     with caplog.at_level("INFO", logger="mqsam2"):
         assert main(["--config", str(config)]) == 0
     assert caplog.text.count("finished earlier") == 3
+    # Parallel rows: two cells removed and recomputed in two processes, against the stored float masks
+    first = {
+        name: json.loads((out / "cells" / f"{name}__fifo.json").read_text()) for name in ("fp", "minmax-w4a4")
+    }
+    for name in first:
+        (out / "cells" / f"{name}__fifo.json").unlink()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="mqsam2"):
+        assert main(["--config", str(config), "--jobs", "2"]) == 0
+    assert "2 rows to run in 2 processes" in caplog.text and "float model under" not in caplog.text
+    for name, cell in first.items():
+        again = json.loads((out / "cells" / f"{name}__fifo.json").read_text())
+        assert again["clips"] == cell["clips"]

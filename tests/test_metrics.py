@@ -22,9 +22,11 @@ from mqsam2.metrics import (
     JandF,
     MaskMAP,
     boundary_f_measure,
+    coco,
     coco_ground_truth,
     coco_results,
     load_detections,
+    mask_map,
     predict_instances,
     region_similarity,
     segm_stats,
@@ -390,3 +392,32 @@ def test_load_detections_from_a_results_file(tmp_path):
         load_detections([{"image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4]}])
     with pytest.raises(MQSAM2Error, match="not found"):
         load_detections(tmp_path / "missing.json")
+
+
+class FixedPredictor:
+    """Stands in for TensorImagePredictor: the first box gets an empty mask, every other box a square."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def set_image_tensor(self, image, orig_hw):
+        self.size = tuple(orig_hw)
+
+    def predict(self, box, multimask_output):
+        masks = np.zeros((len(box), 1, *self.size), dtype=np.float32)
+        masks[1:, 0, 5:15, 5:15] = 1.0
+        return masks, np.full((len(box), 1), 0.9, dtype=np.float32), None
+
+
+def test_fidelity_map_of_a_model_against_itself_is_one_even_with_empty_reference_masks(monkeypatch):
+    """COCO cannot match an empty mask, so a prompt whose reference mask is empty is left out with its
+    prediction: a model scored against itself is then exactly 1 (0.25 if the empty mask stayed in)."""
+    monkeypatch.setattr(coco, "TensorImagePredictor", FixedPredictor)
+    sample = SimpleNamespace(
+        image_id=3,
+        image=torch.zeros(3, 8, 8),
+        orig_size=(20, 20),
+        boxes=torch.tensor([[0.0, 0.0, 4.0, 4.0], [5.0, 5.0, 15.0, 15.0]]),
+        category_ids=[1, 1],
+    )
+    assert mask_map("model", [sample], reference="model")["mAP"] == pytest.approx(1.0)

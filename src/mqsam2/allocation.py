@@ -353,7 +353,8 @@ def solve_uniform(
 
 
 SOLVERS = {"ilp": solve_ilp, "greedy": solve_greedy, "uniform": solve_uniform}
-ERROR_CHOICES = (*ERROR_MODELS, "measured")
+MEASURED_ERRORS = ("measured", "propagated")  # error models read from the importance tables
+ERROR_CHOICES = (*ERROR_MODELS, *MEASURED_ERRORS)
 ACTIVATION_MODES = ("shared", "fixed", "separate")
 
 
@@ -392,8 +393,9 @@ class Allocation:
 def _cost_table(
     importance: Mapping[str, LayerImportance], candidates: Sequence[int], error: str, kind: str
 ) -> list[list[float]]:
-    """`S_l * E_l(b)` per layer and candidate: E from a formula, or the layer's measured relative error."""
-    if error != "measured":
+    """Each layer's cost per candidate: `S_l * E(b)` for a formula, `S_l * e_l(b)` for `measured` (its relative
+    output error), `g_l * e_l(b)` for `propagated` (that error times its downstream gain, `mqsam2.propagation`)."""
+    if error not in MEASURED_ERRORS:
         model = error_model(error)
         return [[layer.score * model(b) for b in candidates] for layer in importance.values()]
     rows = []
@@ -402,9 +404,15 @@ def _cost_table(
         if not table or any(str(b) not in table for b in candidates):
             raise AllocationError(
                 f"layer {name} has no measured error at every candidate {list(candidates)}: measure it with "
-                "allocation.error: measured (a run directory's importance.json from another setting must be deleted)"
+                f"allocation.error: {error} (a run directory's importance.json from another setting must be deleted)"
             )
-        rows.append([layer.score * table[str(b)] for b in candidates])
+        if error == "propagated" and layer.gain is None:
+            raise AllocationError(
+                f"layer {name} has no downstream gain: measure the importance with gains "
+                "(mqsam2.api.measure_importance(..., gains=True))"
+            )
+        weight = layer.gain if error == "propagated" else layer.score
+        rows.append([weight * table[str(b)] for b in candidates])
     return rows
 
 
@@ -446,13 +454,14 @@ def allocate(
     params = [layer.num_params for layer in importance.values()]
     ascending = sorted(int(b) for b in candidates)
     start = time.perf_counter()
-    paper_reading = error != "measured" and activations == "shared"
+    measured = error in MEASURED_ERRORS
+    paper_reading = not measured and activations == "shared"
     if paper_reading or method == "uniform":
         bits = SOLVERS[method](
-            scores, params, candidates, target_avg, error_model(error) if error != "measured" else None
+            scores, params, candidates, target_avg, None if measured else error_model(error)
         )
         act_bits = bits
-        solved = objective(scores, bits, None if error == "measured" else error)
+        solved = objective(scores, bits, None if measured else error)
     elif method != "ilp":
         raise AllocationError(
             f"allocation.method {method!r} solves the paper's reading only: use ilp with error {error!r} and "

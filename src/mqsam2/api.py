@@ -21,12 +21,13 @@ from pathlib import Path
 
 from torch import nn
 
-from mqsam2.allocation import Allocation, allocate
+from mqsam2.allocation import MEASURED_ERRORS, Allocation, allocate
 from mqsam2.config import ReconstructionConfig
 from mqsam2.errors import MQSAM2Error
 from mqsam2.importance import ImportanceCollector, LayerImportance
 from mqsam2.memory.policies import set_memory_policy
 from mqsam2.methods import Method, get_method
+from mqsam2.propagation import measure_gains
 from mqsam2.quant import calibration, quantizable_layers, quantize
 from mqsam2.quant.swap import QuantConfig
 from mqsam2.sensitivity import measure_layer_errors
@@ -83,19 +84,30 @@ def measure_importance(
     workload: Workload,
     quant: QuantConfig,
     measured_widths: Sequence[int] | None = None,
+    gains: bool = False,
 ) -> dict[str, LayerImportance]:
     """Eq. 2-4 for every layer the config would quantize (unreached layers left out, so they stay float), plus
-    the measured error tables at `measured_widths` when given (`allocation.error: measured`)."""
+    the measured error tables at `measured_widths` when given (`allocation.error: measured`) and each layer's
+    downstream gain when `gains` (`allocation.error: propagated`; measured on the first clip's first 8 frames
+    and the first 4 images; a layer those never reach gets the largest gain, so it is never cheap for lack of
+    data)."""
     layers = quantizable_layers(model, quant.keep_fp)
     with ImportanceCollector(model, layers) as collector:
         workload.run_full(model)
     importance = collector.compute(required=[*(quant.plan or {}), *(quant.act_plan or {})])
+    reached = {name: layers[name] for name in importance}
     if measured_widths:
-        reached = {name: layers[name] for name in importance}
         errors = measure_layer_errors(reached, lambda: workload.run_full(model), measured_widths, quant)
         importance = {
             name: layer._replace(weight_errors=errors[name][0], act_errors=errors[name][1])
             for name, layer in importance.items()
+        }
+    if gains:
+        samples = workload.samples(clips=1, frames=8, images=4)
+        measured = measure_gains(model, [lambda s=s: s.run_full(model) for s in samples], reached)
+        largest = max(measured.values())
+        importance = {
+            name: layer._replace(gain=measured.get(name, largest)) for name, layer in importance.items()
         }
     return importance
 
@@ -192,9 +204,11 @@ def quantize_sam2(
     if method.allocator is not None:
         allocation = method.allocator(float_model, workload, recipe)
     else:
-        measured = recipe.candidate_widths() if method.error == "measured" else None
-        if importance is None or (measured and not next(iter(importance.values())).weight_errors):
-            importance = measure_importance(float_model, workload, recipe.quant, measured)
+        measured = recipe.candidate_widths() if method.error in MEASURED_ERRORS else None
+        gains = method.error == "propagated"
+        first = next(iter(importance.values())) if importance else None
+        if first is None or (measured and not first.weight_errors) or (gains and first.gain is None):
+            importance = measure_importance(float_model, workload, recipe.quant, measured, gains)
         allocation = allocate_bits(importance, recipe)
     config = quant_config(recipe, allocation)
     model = quantize_calibrated(float_model, config, workload, method)

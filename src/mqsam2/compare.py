@@ -17,9 +17,12 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +31,16 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from matplotlib.figure import Figure
 
 from mqsam2 import api
-from mqsam2.allocation import Allocation
+from mqsam2.allocation import ACTIVATION_MODES, MEASURED_ERRORS, Allocation
 from mqsam2.cli import run_command
-from mqsam2.config import DataConfig, EvaluationConfig, FitConfig, ModelConfig, ReconstructionConfig
+from mqsam2.config import (
+    DataConfig,
+    EvaluationConfig,
+    FitConfig,
+    ModelConfig,
+    ReconstructionConfig,
+    changed_identity,
+)
 from mqsam2.errors import MQSAM2Error
 from mqsam2.evaluate import clip_prompts, score_tracks, track
 from mqsam2.files import save_torch, write_text
@@ -50,7 +60,7 @@ class Row:
     """One method at one width: uniform WbAb (WbAa with `act_bits`), or Avg-b for mixed methods (candidates
     {b-1, b, b+1} unless given). `memory` and `iters` override the grid's policies and reconstruction
     iterations for this row; `iters: 0` stops a learning method after calibration (its round-to-nearest
-    ablation)."""
+    ablation); `activations` overrides a mixed method's activation mode (shared, fixed or separate)."""
 
     method: str
     bits: float = 4
@@ -59,6 +69,16 @@ class Row:
     memory: list[str] | None = None
     iters: int | None = None
     act_bits: int | None = None
+    activations: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.activations is not None:
+            if self.activations not in ACTIVATION_MODES:
+                raise MQSAM2Error(
+                    f"row {self.method}: activations {self.activations!r} is not one of {', '.join(ACTIVATION_MODES)}"
+                )
+            if not get_method(self.method).mixed:
+                raise MQSAM2Error(f"row {self.method}: activations applies to mixed methods only")
 
     @property
     def name(self) -> str:
@@ -99,8 +119,13 @@ class CompareConfig:
     images: bool = True
     detections: str | None = None
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    # Rows run in this many processes at once (after the float masks and importance are made once). Tracking a
+    # small SAM2 is bound by Python and kernel launches, so on one GPU 3-4 processes finish a grid sooner.
+    jobs: int = 1
 
     def __post_init__(self) -> None:
+        if self.jobs < 1:
+            raise MQSAM2Error(f"jobs must be at least 1, got {self.jobs}")
         names = [row.name for row in self.rows]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -210,7 +235,10 @@ class Grid:
     def __init__(self, config: CompareConfig):
         self.config = config
         self.dir = Path(config.out_root) / config.name
-        shared = {k: asdict(getattr(config, k)) for k in ("model", "data", "quant", "reconstruction")}
+        # what the results depend on, left out what is at its default: keys survive options added later
+        shared = {
+            k: changed_identity(getattr(config, k)) for k in ("model", "data", "quant", "reconstruction")
+        }
         shared["seed"] = config.seed
         self.shared = shared
         self.float_model: torch.nn.Module | None = None
@@ -271,31 +299,48 @@ class Grid:
             return [track(model, clip, p) for clip, p in zip(clips, self.prompts, strict=True)]
 
     def reference(self, policy: str) -> list:
+        """The float model's masks under `policy`, tracked once per grid and kept on disk (bit-packed)."""
         if policy not in self.references:
-            log.info("  float model under %s: tracking %d clips", policy, len(self.data.val_videos))
-            self.references[policy] = self.track_all(self.float_model, policy)
+            path = self.dir / "references" / f"{policy}.pt"
+            shared = self.shared
+            key = _key(
+                {"model": shared["model"], "data": shared["data"], "seed": shared["seed"], "policy": policy}
+            )
+            stored = torch.load(path, weights_only=True) if path.exists() else None
+            if stored is not None and stored["key"] == key:
+                self.references[policy] = [unpack_masks(packed) for packed in stored["masks"]]
+            else:
+                log.info("  float model under %s: tracking %d clips", policy, len(self.data.val_videos))
+                masks = self.track_all(self.float_model, policy)
+                save_torch({"key": key, "masks": [pack_masks(m) for m in masks]}, path)
+                self.references[policy] = masks
         return self.references[policy]
 
     def measured_widths(self) -> list[int]:
         widths = set()
         for row in self.config.rows:
             method = get_method(row.method)
-            if method.error == "measured":
+            if method.error in MEASURED_ERRORS:
                 widths.update(self.recipe(row).candidate_widths())
         return sorted(widths)
 
+    def needs_gains(self) -> bool:
+        return any(get_method(row.method).error == "propagated" for row in self.config.rows)
+
     def shared_importance(self) -> dict[str, LayerImportance]:
-        """Importance (and the measured tables for every width any row needs), once per grid."""
+        """Importance (with the measured tables for every width any row needs, and the downstream gains when a
+        row needs them), once per grid."""
         if self.importance is None:
             path = self.dir / "importance.json"
             key_path = self.dir / "importance.key"
-            key = _key({"shared": self.shared, "widths": self.measured_widths()})
+            widths, gains = self.measured_widths(), self.needs_gains()
+            key = _key({"shared": self.shared, "widths": widths, "gains": gains})
             if path.exists() and key_path.exists() and key_path.read_text() == key:
                 self.importance = read_importance(path)
             else:
                 start = time.perf_counter()
                 self.importance = api.measure_importance(
-                    self.float_model, self.data.calibration, self.config.quant, self.measured_widths()
+                    self.float_model, self.data.calibration, self.config.quant, widths, gains
                 )
                 write_importance(self.importance, path)
                 write_text(key_path, key)
@@ -308,8 +353,11 @@ class Grid:
         rec = self.config.reconstruction
         if row.iters:
             rec = dataclasses.replace(rec, iters=row.iters)
+        method = get_method(row.method)
+        if row.activations:
+            method = dataclasses.replace(method, activations=row.activations)
         return api.Recipe(
-            row.method,
+            method,
             row.bits,
             row.candidates,
             self.config.quant,
@@ -365,30 +413,60 @@ class Grid:
     def run(self) -> dict:
         self.dir.mkdir(parents=True, exist_ok=True)
         _write_json(self.dir / "config.json", {"rows": [asdict(r) for r in self.config.rows], **self.shared})
-        results = {}
-        for index, row in enumerate(self.config.rows, start=1):
-            key = self.row_key(row)
-            cells = {p: self.load_cell(self.cell_path(row, p), key) for p in self.policies(row)}
-            images = self.load_cell(self.images_path(row), key) if self.config.images else None
-            needs_images = self.config.images and images is None
-            if all(cells.values()) and not needs_images:
-                log.info("row %d/%d %s: finished earlier", index, len(self.config.rows), row.name)
-                results[row.name] = {"cells": cells, "images": images}
-                continue
-            log.info("row %d/%d %s", index, len(self.config.rows), row.name)
-            self.prepare()
-            model, allocation = self.model(row)
-            info = self.row_info(row, allocation)
-            for policy, cell in cells.items():
-                if cell is None:
-                    cells[policy] = self.score_cell(row, model, policy, key, info)
-            if needs_images and self.data.val_images:
-                images = self.score_images(row, model, key)
-            results[row.name] = {"cells": cells, "images": images}
-            del model
+        pending = [index for index, row in enumerate(self.config.rows) if not self.finished(row)]
+        if self.config.jobs > 1 and len(pending) > 1:
+            self.prepare_shared(pending)
+            jobs = min(self.config.jobs, len(pending))
+            log.info("%d rows to run in %d processes", len(pending), jobs)
+            with get_context("spawn").Pool(jobs, _worker_start, (self.config,)) as pool:
+                for name in pool.imap_unordered(_worker_row, pending):
+                    log.info("row %s finished", name)
+        results = {row.name: self.run_row(index) for index, row in enumerate(self.config.rows)}
         report = self.report(results)
         log.info("compare: %s\n%s", self.dir / "table.md", report)
         return results
+
+    def stored_cells(self, row: Row) -> tuple[dict, dict | None, bool]:
+        """The row's finished cells (None where a cell is still to run), its image cell, and whether the image
+        cell is still to run."""
+        key = self.row_key(row)
+        cells = {p: self.load_cell(self.cell_path(row, p), key) for p in self.policies(row)}
+        images = self.load_cell(self.images_path(row), key) if self.config.images else None
+        return cells, images, bool(self.config.images and images is None)
+
+    def finished(self, row: Row) -> bool:
+        cells, _, needs_images = self.stored_cells(row)
+        return all(cells.values()) and not needs_images
+
+    def prepare_shared(self, pending: list[int]) -> None:
+        """What parallel rows share, made once before they start: the float masks under every policy the
+        pending rows use, and the importance measurements."""
+        self.prepare()
+        rows = [self.config.rows[index] for index in pending]
+        for policy in sorted({p for row in rows for p in self.policies(row)}):
+            self.reference(policy)
+        if any(get_method(row.method).quantizes and get_method(row.method).allocator is None for row in rows):
+            self.shared_importance()
+
+    def run_row(self, index: int) -> dict:
+        """Row `index`'s cells and image cell: stored ones loaded, missing ones computed now."""
+        row = self.config.rows[index]
+        cells, images, needs_images = self.stored_cells(row)
+        position = f"row {index + 1}/{len(self.config.rows)} {row.name}"
+        if all(cells.values()) and not needs_images:
+            log.info("%s: finished earlier", position)
+            return {"cells": cells, "images": images}
+        log.info(position)
+        self.prepare()
+        key = self.row_key(row)
+        model, allocation = self.model(row)
+        info = self.row_info(row, allocation)
+        for policy, cell in cells.items():
+            if cell is None:
+                cells[policy] = self.score_cell(row, model, policy, key, info)
+        if needs_images and self.data.val_images:
+            images = self.score_images(row, model, key)
+        return {"cells": cells, "images": images}
 
     def row_info(self, row: Row, allocation: Allocation | None) -> dict:
         method = get_method(row.method)
@@ -445,6 +523,38 @@ class Grid:
         )
         plot_report(results, self.config, self.dir / "table.png")
         return table
+
+
+def pack_masks(masks: torch.Tensor) -> dict:
+    """Bool masks as bits (an eighth of the bytes) with their shape."""
+    return {"shape": list(masks.shape), "bits": torch.from_numpy(np.packbits(masks.numpy().reshape(-1)))}
+
+
+def unpack_masks(packed: dict) -> torch.Tensor:
+    count = math.prod(packed["shape"])
+    bits = np.unpackbits(packed["bits"].numpy(), count=count)
+    return torch.from_numpy(bits.astype(bool)).reshape(packed["shape"])
+
+
+_worker_grid: Grid | None = None
+
+
+def _worker_start(config: CompareConfig) -> None:
+    """A row process: its own grid over the same directory; the parent owns stopping (it ends the pool)."""
+    global _worker_grid
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s mqsam2[%(process)d] | %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+    )
+    _worker_grid = Grid(config)
+
+
+def _worker_row(index: int) -> str:
+    _worker_grid.run_row(index)
+    return _worker_grid.config.rows[index].name
 
 
 def _difference_cell(results: dict, row: str, policy: str, config: CompareConfig) -> str:

@@ -62,6 +62,8 @@ class DataConfig:
     synth_frames: int = 24
     synth_size: int = 256
     synth_images: int = 40
+    # objects per synthetic clip, [fewest, most]: the shared trained SAM2 saw clips of 1-3 objects
+    synth_objects: list[int] = field(default_factory=lambda: [2, 5])
     calib_videos: int = 8
     calib_frames: int = 20
     calib_images: int = 32
@@ -71,6 +73,13 @@ class DataConfig:
     val_images: int = 8
     prompt: Literal["box", "mask", "point"] = "box"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        objects = list(self.synth_objects)
+        if len(objects) != 2 or not 1 <= objects[0] <= objects[1]:
+            raise MQSAM2Error(
+                f"data.synth_objects must be [fewest, most] with 1 <= fewest <= most, got {objects}"
+            )
 
 
 @dataclass
@@ -223,6 +232,24 @@ def resume_identity(config) -> dict:
             value = getattr(config, f.name)
             identity[f.name] = resume_identity(value) if dataclasses.is_dataclass(value) else value
     return identity
+
+
+def changed_identity(config) -> dict:
+    """`resume_identity` without the fields left at their defaults (recursively): a key of stored results that
+    survives new options, since an option added later at its default leaves the results as they were."""
+    default = type(config)()
+    changed = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.metadata.get("runtime"):
+            continue
+        if dataclasses.is_dataclass(value):
+            nested = changed_identity(value)
+            if nested:
+                changed[f.name] = nested
+        elif value != getattr(default, f.name):
+            changed[f.name] = value
+    return changed
 
 
 def parser(prog: str = "python -m mqsam2.fit", description: str | None = None) -> ArgumentParser:

@@ -37,7 +37,8 @@ class LayerImportance(NamedTuple):
     rounding error next to them. `act_elements` counts the input elements the layer saw over the calibration
     set (what an activation bit budget is weighted by). `weight_errors` / `act_errors`, when measured
     (`mqsam2.sensitivity`), map a bit-width to the layer's relative output error with only its weights / only
-    its input quantized at that width.
+    its input quantized at that width. `gain`, when measured (`mqsam2.propagation`), is how much of a relative
+    output error reaches the masks.
     """
 
     score: float
@@ -45,6 +46,7 @@ class LayerImportance(NamedTuple):
     act_elements: int = 0
     weight_errors: dict[str, float] | None = None
     act_errors: dict[str, float] | None = None
+    gain: float | None = None
 
 
 def sum_of_squares(x: Tensor, channel_dim: int = -1) -> Tensor:

@@ -95,7 +95,7 @@ class _Hooks:
             handle.remove()
 
 
-def _decoder_logits(model: nn.Module, sample: Callable[[], None]) -> list[Tensor]:
+def decoder_logits(model: nn.Module, sample: Callable[[], None]) -> list[Tensor]:
     """The mask logits of every decoder call while `sample()` runs."""
     outputs: list[Tensor] = []
     with _Hooks() as hooks:
@@ -108,7 +108,7 @@ def _decoder_logits(model: nn.Module, sample: Callable[[], None]) -> list[Tensor
     return outputs
 
 
-def _mean_kl(reference: Sequence[Tensor], outputs: Sequence[Tensor]) -> float:
+def mean_kl(reference: Sequence[Tensor], outputs: Sequence[Tensor]) -> float:
     if len(reference) != len(outputs):
         raise MQSAM2Error(
             f"the quantized pass made {len(outputs)} decoder calls where the float one made {len(reference)}"
@@ -151,7 +151,7 @@ def measure_output_kl(
     with _Hooks() as hooks:
         for name, layer in layers.items():
             hooks.add(layer.register_forward_hook(lambda m, a, o, name=name: observe(name, m, a, o)))
-        references = [_decoder_logits(model, sample) for sample in samples]
+        references = [decoder_logits(model, sample) for sample in samples]
     names = tuple(name for name in layers if name in observers)
     if not names:
         raise MQSAM2Error("the calibration samples reached none of the layers to measure")
@@ -169,7 +169,7 @@ def measure_output_kl(
         with _Hooks() as hooks:
             hooks.add(layer.register_forward_hook(quantized))
             for row, sample in enumerate(samples):
-                kl[row, column] = _mean_kl(references[row], _decoder_logits(model, sample))
+                kl[row, column] = mean_kl(references[row], decoder_logits(model, sample))
     return OutputSensitivity(
         names=names,
         kl=kl,

@@ -106,6 +106,7 @@ def load_data(config: FitConfig, image_size: int) -> Datasets:
             data.synth_size,
             data.seed,
             images=data.synth_images,
+            num_objects=tuple(data.synth_objects),
         )
         video_shards, image_shards = synth.videos, synth.images
         if evaluate:
@@ -116,6 +117,7 @@ def load_data(config: FitConfig, image_size: int) -> Datasets:
                 data.synth_size,
                 data.seed + 1,
                 images=data.val_images,
+                num_objects=tuple(data.synth_objects),
             )
             val_videos, val_images = held_out.videos, held_out.images
     calib = calibration_set(

@@ -37,6 +37,23 @@ class Workload:
             self, videos=self.videos[rank::world_size], images=self.images[rank::world_size]
         )
 
+    def samples(self, clips: int, frames: int, images: int) -> list[Workload]:
+        """One workload per sample of an output measurement: each of the first `clips` clips cut to its first
+        `frames` frames, and each of the first `images` images."""
+        heads = [
+            dataclasses.replace(
+                clip,
+                frames=clip.frames[:frames],
+                masks=clip.masks[:, :frames],
+                frame_indices=clip.frame_indices[:frames],
+                annotated=clip.annotated[:frames],
+            )
+            for clip in self.videos[:clips]
+        ]
+        return [dataclasses.replace(self, videos=[clip], images=[]) for clip in heads] + [
+            dataclasses.replace(self, videos=[], images=[image]) for image in self.images[:images]
+        ]
+
     def all_frames(self) -> torch.Tensor:
         return torch.cat([c.frames for c in self.videos] + [s.image[None] for s in self.images])
 

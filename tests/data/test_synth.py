@@ -2,6 +2,7 @@ import math
 import multiprocessing
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 from matplotlib.path import Path as Outline
@@ -146,3 +147,15 @@ def test_ensure_synth_makes_the_set_once_even_when_called_at_once(tmp_path):
 def test_image_annotation_ids_are_unique_across_the_set(synth_set):
     ids = [a["id"] for url in synth_set.images for s in read_shard(url) for a in decode_image(s).annotations]
     assert len(ids) == len(set(ids)) > 16
+
+
+def test_ensure_synth_object_counts_keep_their_own_set(tmp_path):
+    """Clips of 1-1 objects (the trained model's regime is 1-3) land in their own folder and hold exactly that."""
+    single = ensure_synth(tmp_path, videos=3, frames=2, size=32, images=0, num_objects=(1, 1))
+    default = ensure_synth(tmp_path, videos=3, frames=2, size=32, images=0)
+    assert {str(p.parent.parent) for p in map(Path, single.videos)}.isdisjoint(
+        str(p.parent.parent) for p in map(Path, default.videos)
+    )
+    counts = [len(c.obj_ids) for c in video_dataset(single.videos, 32, resampled=False, shuffle=False)]
+    assert counts == [1, 1, 1]
+    assert all(len(c.obj_ids) >= 2 for c in video_dataset(default.videos, 32, resampled=False, shuffle=False))

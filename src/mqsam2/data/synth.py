@@ -113,6 +113,9 @@ class Scene:
         return self.backdrop[dy : dy + self.height, dx : dx + self.width]
 
 
+DEFAULT_OBJECTS = (2, 5)  # objects per clip, fewest and most
+
+
 def _hw(size: Size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
@@ -187,7 +190,9 @@ def _distance_to_border(start: np.ndarray, heading: np.ndarray, width: int, heig
     )
 
 
-def make_scene(seed: int, num_frames: int, size: Size, num_objects: int | tuple[int, int] = (2, 5)) -> Scene:
+def make_scene(
+    seed: int, num_frames: int, size: Size, num_objects: int | tuple[int, int] = DEFAULT_OBJECTS
+) -> Scene:
     """A clip's geometry: objects start spread on a ring, orbit and cross the centre (so they occlude each
     other), and one heads for the nearest edge, is fully outside for the middle half and comes back."""
     rng = np.random.default_rng(seed)
@@ -237,7 +242,7 @@ def render_scene(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
 
 
 def render_clip(
-    seed: int, num_frames: int, size: Size, num_objects: int | tuple[int, int] = (2, 5)
+    seed: int, num_frames: int, size: Size, num_objects: int | tuple[int, int] = DEFAULT_OBJECTS
 ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """(frames [T, H, W, 3] uint8, {obj_id: visible mask [T, H, W] bool}); ids start at 1."""
     scene = make_scene(seed, num_frames, size, num_objects)
@@ -355,7 +360,7 @@ def write_synth(
     seed: int = 0,
     images: int = 32,
     image_size: Size | None = None,
-    num_objects: int | tuple[int, int] = (2, 5),
+    num_objects: int | tuple[int, int] = DEFAULT_OBJECTS,
     annotate_every: int = 1,
     shard_size: int = 2,
     image_shard_size: int = 8,
@@ -414,11 +419,14 @@ def ensure_synth(
     size: int = 256,
     seed: int = 0,
     images: int = 32,
+    num_objects: tuple[int, int] = DEFAULT_OBJECTS,
 ) -> SynthShards:
     """The embedded default data set, made on first use under root/<settings>/ and reused afterwards.
     Callers running at once (DDP ranks, parallel tests) take turns on a lock: the first makes it."""
-    out = Path(root) / f"v{videos}x{frames}-s{size}-i{images}-seed{seed}"
+    num_objects = (int(num_objects[0]), int(num_objects[1]))
+    objects = "" if num_objects == DEFAULT_OBJECTS else f"-o{num_objects[0]}-{num_objects[1]}"
+    out = Path(root) / f"v{videos}x{frames}-s{size}-i{images}-seed{seed}{objects}"
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return write_synth(out, videos, frames, size, seed, images=images)
+        return write_synth(out, videos, frames, size, seed, images=images, num_objects=num_objects)

@@ -11,6 +11,7 @@ from mqsam2.methods import (  # noqa: F401  (each module registers its method on
     mixqsam,
     mixqsam2,
     mixqsam2_measured,
+    mixqsam2_propagated,
     omse,
     percentile,
     ptq4sam,

@@ -84,20 +84,7 @@ class MixQSAMAllocator:
 
     def samples(self, workload) -> list:
         """One workload per KL sample."""
-        clips = [
-            dataclasses.replace(
-                clip,
-                frames=clip.frames[: self.frames],
-                masks=clip.masks[:, : self.frames],
-                frame_indices=clip.frame_indices[: self.frames],
-                annotated=clip.annotated[: self.frames],
-            )
-            for clip in workload.videos[: self.clips]
-        ]
-        return [dataclasses.replace(workload, videos=[clip], images=[]) for clip in clips] + [
-            dataclasses.replace(workload, videos=[], images=[image])
-            for image in workload.images[: self.images]
-        ]
+        return workload.samples(self.clips, self.frames, self.images)
 
     def sensitivity(self, model: nn.Module, workload, recipe) -> OutputSensitivity:
         """KL_t(l) of every layer the recipe may quantize, at its lowest candidate width."""

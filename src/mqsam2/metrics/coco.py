@@ -221,7 +221,8 @@ def mask_map(
     """COCO segm stats of a (quantized) SAM2 on images prompted by their GT boxes or by `detections`.
 
     Scored against the labels, or with `reference` (the FP model) against its masks for the same prompts
-    (fidelity: no labels needed beyond the prompts). Images are predicted one at a time; with a `metric` placed
+    (fidelity: no labels needed beyond the prompts; a prompt on which the reference predicts an empty mask is
+    left out with its prediction, since COCO can match nothing to an empty mask). Images are predicted one at a time; with a `metric` placed
     on a rank's device, `samples` is that rank's share and the stats are those of all ranks' images.
     """
     if not samples and metric is None:
@@ -231,8 +232,20 @@ def mask_map(
     predictor = TensorImagePredictor(model)
     reference_predictor = TensorImagePredictor(reference) if reference is not None else None
     for sample in samples:
-        target = (
-            sample if reference_predictor is None else predict_instances(reference_predictor, sample, dets)
-        )
-        metric.update(predict_instances(predictor, sample, dets), target)
+        prediction = predict_instances(predictor, sample, dets)
+        if reference_predictor is None:
+            metric.update(prediction, sample)
+            continue
+        target = predict_instances(reference_predictor, sample, dets)
+        scorable = target.masks.flatten(1).any(1)
+        metric.update(_select(prediction, scorable), _select(target, scorable))
     return metric.compute()
+
+
+def _select(instances: Instances, keep: Tensor) -> Instances:
+    return Instances(
+        instances.image_id,
+        instances.masks[keep],
+        instances.scores[keep],
+        [c for c, k in zip(instances.category_ids, keep.tolist(), strict=True) if k],
+    )
