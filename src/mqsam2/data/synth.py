@@ -420,13 +420,17 @@ def ensure_synth(
     seed: int = 0,
     images: int = 32,
     num_objects: tuple[int, int] = DEFAULT_OBJECTS,
+    workers: int = 1,
 ) -> SynthShards:
-    """The embedded default data set, made on first use under root/<settings>/ and reused afterwards.
-    Callers running at once (DDP ranks, parallel tests) take turns on a lock: the first makes it."""
+    """The embedded default data set, made on first use under root/<settings>/ (by `workers` processes) and
+    reused afterwards. Callers running at once (DDP ranks, parallel tests) take turns on a lock: the first
+    makes it."""
     num_objects = (int(num_objects[0]), int(num_objects[1]))
     objects = "" if num_objects == DEFAULT_OBJECTS else f"-o{num_objects[0]}-{num_objects[1]}"
     out = Path(root) / f"v{videos}x{frames}-s{size}-i{images}-seed{seed}{objects}"
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return write_synth(out, videos, frames, size, seed, images=images, num_objects=num_objects)
+        return write_synth(
+            out, videos, frames, size, seed, images=images, num_objects=num_objects, workers=workers
+        )
