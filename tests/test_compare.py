@@ -112,6 +112,7 @@ quant: {{observer_sample_size: 4096}}
 reconstruction: {{iters: 2, batch_size: 2, accelerator: cpu, checkpoint_every: 2, units: [obj_ptr_proj]}}
 memory: [fifo]
 baseline: minmax-w4a4
+gain_samples: [1, 1, 0]
 images: false
 rows:
   - {{method: fp}}

@@ -8,14 +8,13 @@ import json
 import pytest
 import yaml
 
-from mqsam2.config import DataConfig, FitConfig, ModelConfig
+from mqsam2.config import DataConfig, FitConfig, ModelConfig, config_dict
 from mqsam2.deploy.__main__ import main as deploy_cli
 from mqsam2.deploy.fidelity import torch_box_predictor
 from mqsam2.deploy.onnx import OnnxImagePredictor
 from mqsam2.errors import MQSAM2Error
 from mqsam2.export import export_model
 from mqsam2.models import build_sam2
-from mqsam2.pipeline import config_dict
 from mqsam2.quant import QuantConfig, calibration, quantize
 from tests.conftest import _moving_square_clip
 

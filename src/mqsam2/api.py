@@ -34,6 +34,7 @@ from mqsam2.sensitivity import measure_layer_errors
 from mqsam2.workload import Workload
 
 log = logging.getLogger(__name__)
+GAIN_SAMPLES = (1, 8, 4)  # downstream gains: the first clip's first 8 frames and the first 4 images
 
 
 @dataclass
@@ -84,13 +85,13 @@ def measure_importance(
     workload: Workload,
     quant: QuantConfig,
     measured_widths: Sequence[int] | None = None,
-    gains: bool = False,
+    gain_samples: Sequence[int] | None = None,
 ) -> dict[str, LayerImportance]:
     """Eq. 2-4 for every layer the config would quantize (unreached layers left out, so they stay float), plus
     the measured error tables at `measured_widths` when given (`allocation.error: measured`) and each layer's
-    downstream gain when `gains` (`allocation.error: propagated`; measured on the first clip's first 8 frames
-    and the first 4 images; a layer those never reach gets the largest gain, so it is never cheap for lack of
-    data)."""
+    downstream gain when `gain_samples` = (clips, frames, images) says on which samples to measure it
+    (`allocation.error: propagated`; `Workload.samples`; a layer those never reach gets the largest gain, so
+    it is never cheap for lack of data)."""
     layers = quantizable_layers(model, quant.keep_fp)
     with ImportanceCollector(model, layers) as collector:
         workload.run_full(model)
@@ -102,8 +103,8 @@ def measure_importance(
             name: layer._replace(weight_errors=errors[name][0], act_errors=errors[name][1])
             for name, layer in importance.items()
         }
-    if gains:
-        samples = workload.samples(clips=1, frames=8, images=4)
+    if gain_samples:
+        samples = workload.samples(*gain_samples)
         measured = measure_gains(model, [lambda s=s: s.run_full(model) for s in samples], reached)
         largest = max(measured.values())
         importance = {
@@ -205,7 +206,7 @@ def quantize_sam2(
         allocation = method.allocator(float_model, workload, recipe)
     else:
         measured = recipe.candidate_widths() if method.error in MEASURED_ERRORS else None
-        gains = method.error == "propagated"
+        gains = GAIN_SAMPLES if method.error == "propagated" else None
         first = next(iter(importance.values())) if importance else None
         if first is None or (measured and not first.weight_errors) or (gains and first.gain is None):
             importance = measure_importance(float_model, workload, recipe.quant, measured, gains)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -122,10 +123,14 @@ class CompareConfig:
     # Rows run in this many processes at once (after the float masks and importance are made once). Tracking a
     # small SAM2 is bound by Python and kernel launches, so on one GPU 3-4 processes finish a grid sooner.
     jobs: int = 1
+    # (clips, frames, images) on which `propagated` rows measure each layer's downstream gain
+    gain_samples: list[int] = field(default_factory=lambda: list(api.GAIN_SAMPLES))
 
     def __post_init__(self) -> None:
         if self.jobs < 1:
             raise MQSAM2Error(f"jobs must be at least 1, got {self.jobs}")
+        if len(self.gain_samples) != 3 or min(self.gain_samples) < 0:
+            raise MQSAM2Error(f"gain_samples must be [clips, frames, images] >= 0, got {self.gain_samples}")
         names = [row.name for row in self.rows]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -333,7 +338,8 @@ class Grid:
         if self.importance is None:
             path = self.dir / "importance.json"
             key_path = self.dir / "importance.key"
-            widths, gains = self.measured_widths(), self.needs_gains()
+            widths = self.measured_widths()
+            gains = self.config.gain_samples if self.needs_gains() else None
             key = _key({"shared": self.shared, "widths": widths, "gains": gains})
             if path.exists() and key_path.exists() and key_path.read_text() == key:
                 self.importance = read_importance(path)
@@ -543,6 +549,7 @@ def _worker_start(config: CompareConfig) -> None:
     """A row process: its own grid over the same directory; the parent owns stopping (it ends the pool)."""
     global _worker_grid
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.jobs))  # the processes share the cores
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s mqsam2[%(process)d] | %(message)s",

@@ -103,6 +103,10 @@ class RunDir:
     def wandb_id(self) -> Path:
         return self.path / "wandb_id.txt"
 
+    def deployment(self, target: str) -> Path:
+        """Where `python -m mqsam2.deploy --target <target>` writes its artefact and report."""
+        return self.path / "deploy" / target
+
     def unit_dir(self, unit: str) -> Path:
         return self.path / "units" / unit
 

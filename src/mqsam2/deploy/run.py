@@ -34,7 +34,7 @@ from mqsam2.deploy.fidelity import PromptSet, mask_fidelity, prompt_sets, torch_
 from mqsam2.errors import MQSAM2Error
 from mqsam2.export import load_export
 from mqsam2.export.card import add_deployment
-from mqsam2.export.run import read_run_config, run_export_path
+from mqsam2.rundir import RunDir
 
 TARGETS = ("onnx", "cuda")
 
@@ -60,13 +60,13 @@ class DeployRunConfig:
 
 
 def deploy_dir(run_dir: Path, target: str) -> Path:
-    return Path(run_dir) / "deploy" / target
+    return RunDir(run_dir).deployment(target)
 
 
 def _fidelity_prompts(run_dir: Path, image_size: int, images: int) -> list[PromptSet]:
     from mqsam2.pipeline import load_data
 
-    config = read_run_config(run_dir)
+    config = RunDir(run_dir).read_config()
     data = load_data(config, image_size)
     samples = (data.val_images or data.calibration.images)[:images]
     prompts = prompt_sets(samples, image_size)
@@ -189,7 +189,7 @@ def deploy_run(run_dir: str | Path, config: DeployRunConfig) -> dict:
     """Write the target's artefact and report into `run_dir/deploy/<target>/` and the model card; returns the
     report."""
     run_dir = Path(run_dir)
-    source = run_export_path(run_dir)
+    source = RunDir(run_dir).export
     if not source.is_file():
         raise MQSAM2Error(
             f"run {run_dir} has no export ({source} is missing): finish the fit, or python -m mqsam2.export "

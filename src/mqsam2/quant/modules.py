@@ -41,9 +41,17 @@ class QuantLayerMixin:
         """The fake-quantized weight; without gradients it is computed once and reused until the weight or
         its quantizer changes (evaluation would otherwise re-quantize every weight at every call)."""
         quantizer = self.weight_quantizer
-        if torch.is_grad_enabled() or quantizer.alpha is not None or not quantizer.enabled:
-            return quantizer(self.weight)
         weight = self.weight
+        tensors = (weight, quantizer.scale, quantizer.zero_point)
+        if (
+            torch.is_grad_enabled()
+            or quantizer.alpha is not None
+            or not quantizer.enabled
+            or any(
+                t.is_inference() for t in tensors
+            )  # made under inference_mode: no version counter to key on
+        ):
+            return quantizer(weight)
         key = (
             weight.data_ptr(),
             weight._version,
