@@ -30,6 +30,7 @@ from mqsam2.methods import Method, get_method
 from mqsam2.propagation import measure_gains
 from mqsam2.quant import calibration, quantizable_layers, quantize
 from mqsam2.quant.swap import QuantConfig
+from mqsam2.rundir import RunDir
 from mqsam2.sensitivity import measure_layer_errors
 from mqsam2.workload import Workload
 
@@ -174,18 +175,19 @@ def reconstruct(
     float_model: nn.Module,
     workload: Workload,
     config: ReconstructionConfig,
-    workdir: str | Path,
+    workdir: str | Path | RunDir,
     loggers: Sequence = (),
     seed: int = 0,
 ) -> None:
-    """Block-wise reconstruction of every unit (resumable in `workdir`); nothing for mode `none`."""
+    """Block-wise reconstruction of every unit (resumable in `workdir`, a fit's run directory or any folder);
+    nothing for mode `none`."""
     if config.mode == "none":
         return
     from mqsam2.reconstruct.driver import Reconstructor
-    from mqsam2.rundir import RunDir
 
+    run = workdir if isinstance(workdir, RunDir) else RunDir(workdir)
     reconstructor = Reconstructor(
-        model, float_model, workload, config, RunDir(workdir), list(loggers), seed=seed, only=config.units
+        model, float_model, workload, config, run, list(loggers), seed=seed, only=config.units
     )
     log.info("reconstruction: %s over %d units", config.mode, len(reconstructor.units))
     reconstructor.run()

@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, Logger
 from torch.utils.data import DataLoader
 
+from mqsam2 import api
 from mqsam2.allocation import allocate, plot_allocation, read_plan, write_plan
 from mqsam2.callbacks import EvaluationCallback
 from mqsam2.config import FitConfig
@@ -27,11 +28,10 @@ from mqsam2.evaluate import evaluate_video_grid
 from mqsam2.export import export_model
 from mqsam2.export.card import bytes_table, card_paths, run_details, run_fp_bytes
 from mqsam2.files import save_torch, write_text
-from mqsam2.importance import ImportanceCollector, read_importance, write_importance
+from mqsam2.importance import read_importance, write_importance
 from mqsam2.metrics.coco import MaskMAP, mask_map
 from mqsam2.models import build_sam2
-from mqsam2.quant import calibration, quantizable_layers, quantize
-from mqsam2.reconstruct.driver import Reconstructor
+from mqsam2.quant import quantize
 from mqsam2.reconstruct.units import unit_names
 from mqsam2.rundir import RunDir
 from mqsam2.wandb_images import log_images
@@ -157,10 +157,7 @@ def stage_importance(model: torch.nn.Module, config: FitConfig, workload: Worklo
     if path.exists():
         log.info("importance: reusing %s", path)
         return read_importance(path)
-    layers = quantizable_layers(model, config.quant.keep_fp)
-    with ImportanceCollector(model, layers) as collector:
-        workload.run_full(model)
-    importance = collector.compute()
+    importance = api.measure_importance(model, workload, config.quant)
     if rank_and_world()[0] == 0:
         write_importance(importance, path)
     log.info("importance: scored %d layers -> %s", len(importance), path)
@@ -204,16 +201,14 @@ def stage_quantize(
     float_model: torch.nn.Module, plan: dict[str, int], config: FitConfig, workload: Workload, run: RunDir
 ) -> torch.nn.Module:
     """Swap in quantized modules with the plan's widths, then initialise every quantizer with the observers."""
-    model = copy.deepcopy(float_model)
     quant_config = dataclasses.replace(config.quant, plan=plan)
-    quantize(model, quant_config)
     path = run.calibrated
     if path.exists():
+        model = quantize(copy.deepcopy(float_model), quant_config)
         model.load_state_dict(run.load_state(path))
         log.info("quantize: reusing calibrated quantizers from %s", path)
         return model
-    with calibration(model, quant_config):
-        workload.run_full(model)
+    model = api.quantize_calibrated(float_model, quant_config, workload)
     if rank_and_world()[0] == 0:
         save_torch(model.state_dict(), path)
     log.info(
@@ -237,18 +232,7 @@ def stage_reconstruct(
     if config.reconstruction.mode == "none":
         log.info("reconstruction: mode none (calibration only)")
         return
-    reconstructor = Reconstructor(
-        model,
-        float_model,
-        workload,
-        config.reconstruction,
-        run,
-        loggers,
-        seed=config.seed,
-        only=config.reconstruction.units,
-    )
-    log.info("reconstruction: %s over %d units", config.reconstruction.mode, len(reconstructor.units))
-    reconstructor.run()
+    api.reconstruct(model, float_model, workload, config.reconstruction, run, loggers, seed=config.seed)
 
 
 def summary(run: RunDir) -> dict:
@@ -271,12 +255,9 @@ def uniform_baseline(
     float_model: torch.nn.Module, bits: int, config: FitConfig, workload: Workload
 ) -> torch.nn.Module:
     """W{bits}A{bits} with the run's observers and no reconstruction: the reference point of the table."""
-    model = copy.deepcopy(float_model)
-    quant_config = dataclasses.replace(config.quant, bits=bits, plan=None)
-    quantize(model, quant_config)
-    with calibration(model, quant_config):
-        workload.run_full(model)
-    return model
+    return api.quantize_calibrated(
+        float_model, dataclasses.replace(config.quant, bits=bits, plan=None), workload
+    )
 
 
 def stage_evaluate(
