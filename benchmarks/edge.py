@@ -22,7 +22,6 @@ error of the image embedding against the fake-quant model's.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import math
@@ -37,23 +36,18 @@ import onnxruntime as ort
 import torch
 from common import describe_device
 
+from mqsam2 import api
 from mqsam2.allocation import allocate
 from mqsam2.data import calibration_set, ensure_synth
 from mqsam2.deploy.fidelity import mask_fidelity, onnx_box_predictor, prompt_sets, torch_box_predictor
 from mqsam2.deploy.onnx import OnnxExportConfig, OnnxImagePredictor, export_image_predictor
-from mqsam2.deploy.onnx.export import IMAGE_PREDICTOR
 from mqsam2.deploy.onnx.runtime import peak_memory_mib, profile_encoder
-from mqsam2.importance import ImportanceCollector
 from mqsam2.models import build_sam2, image_features
-from mqsam2.quant import QuantConfig, calibration, quantizable_layers, quantize
+from mqsam2.quant import QuantConfig
 from mqsam2.workload import Workload
 
 PLANS = {"avg6": (6, (5, 6, 7)), "avg4": (4, (3, 4, 5))}  # (target bits, candidates)
 VARIANTS = ("fp32", "w8a8", "avg6", "avg4", "avg4-int4")
-
-
-def image_predictor_layers(model) -> list[str]:
-    return [name for name in quantizable_layers(model) if name.split(".")[0] in IMAGE_PREDICTOR]
 
 
 def quant_config(
@@ -62,10 +56,8 @@ def quant_config(
     """The variant's QuantConfig and a one-line description of its plan."""
     if name == "w8a8":
         return QuantConfig(bits=8), "uniform 8 bits"
-    if "importance" not in importance_cache:
-        with ImportanceCollector(float_model, image_predictor_layers(float_model)) as collector:
-            workload.run_images(float_model)
-        importance_cache["importance"] = collector.compute()
+    if "importance" not in importance_cache:  # images only: the layers they reach are the image predictor's
+        importance_cache["importance"] = api.measure_importance(float_model, workload, QuantConfig())
     target, candidates = PLANS[name.split("-")[0]]
     allocation = allocate(importance_cache["importance"], target_avg=target, candidates=candidates)
     description = (
@@ -88,10 +80,7 @@ def build_variants(args, image_size: int, directory: Path, workload: Workload, h
             base = name.split("-")[0]
             if base not in quantized:
                 config, description = quant_config(base, float_model, workload, cache)
-                model = quantize(copy.deepcopy(float_model), config)
-                with calibration(model):
-                    workload.run_images(model)
-                quantized[base] = (model, description)
+                quantized[base] = (api.quantize_calibrated(float_model, config, workload), description)
             model, row["plan"] = quantized[base]
         kernel = "int4" if name.endswith("-int4") else "int8"
         export = export_image_predictor(model, directory / name, OnnxExportConfig(low_bit_kernel=kernel))

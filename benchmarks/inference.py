@@ -31,7 +31,6 @@ beside the summed GPU kernel time (close: GPU-bound; far apart: launch- or CPU-b
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import math
@@ -44,17 +43,17 @@ from pathlib import Path
 import torch
 from common import describe_device, synthetic_workload
 
+from mqsam2 import api
 from mqsam2.allocation import allocate
 from mqsam2.data.stream import SyntheticStream
 from mqsam2.deploy import DeployConfig, deploy, weight_nbytes
 from mqsam2.deploy.compiled import compile_tracker
 from mqsam2.export import export_model, load_export
 from mqsam2.export.card import float_checkpoint_bytes
-from mqsam2.importance import ImportanceCollector
 from mqsam2.memory import Prompt
 from mqsam2.metrics import region_similarity
 from mqsam2.models import build_sam2
-from mqsam2.quant import QuantConfig, calibration, quantizable_layers, quantize
+from mqsam2.quant import QuantConfig
 from mqsam2.workload import Workload
 
 FLOAT_VARIANTS = ("bf16", "bf16+compile", "bf16+vos")
@@ -121,10 +120,7 @@ def quant_configs(float_model, workload: Workload, variants: list[str]) -> dict[
             configs[name] = (QuantConfig(bits=8), "W8A8 uniform")
             continue
         if importance is None:
-            layers = quantizable_layers(float_model)
-            with ImportanceCollector(float_model, layers) as collector:
-                workload.run_full(float_model)
-            importance = collector.compute()
+            importance = api.measure_importance(float_model, workload, QuantConfig())
         target, candidates = QUANT_VARIANTS[name]
         allocation = allocate(importance, target_avg=target, candidates=candidates)
         description = (
@@ -135,10 +131,7 @@ def quant_configs(float_model, workload: Workload, variants: list[str]) -> dict[
 
 
 def make_export(float_model, config: QuantConfig, workload: Workload, path: Path) -> None:
-    model = quantize(copy.deepcopy(float_model), config)
-    with calibration(model):
-        workload.run_full(model)
-    export_model(model, path)
+    export_model(api.quantize_calibrated(float_model, config, workload), path)
 
 
 @torch.inference_mode()
