@@ -146,4 +146,6 @@ rows:
     assert "2 rows to run in 2 processes" in caplog.text and "float model under" not in caplog.text
     for name, cell in first.items():
         again = json.loads((out / "cells" / f"{name}__fifo.json").read_text())
-        assert again["clips"] == cell["clips"]
+        # a row process uses its share of the cores, so sums may reassociate: equal to float tolerance
+        assert [c.pop("clip") for c in again["clips"]] == [c.pop("clip") for c in cell["clips"]]
+        assert again["clips"] == [pytest.approx(clip, rel=1e-3) for clip in cell["clips"]]

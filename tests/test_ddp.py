@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,7 +14,14 @@ import torch
 UNIT = "memory_attention.layers.0"
 
 
-def _fit(tmp_path, devices: int) -> dict:
+def _fit(tmp_path, devices: int, stages_from: str | None = None) -> dict:
+    """A fit of one unit on `devices` CPU processes; `stages_from` (a run of the same config) lends its
+    finished importance, plan and calibration, so only the reconstruction differs between the runs."""
+    run_dir = tmp_path / f"ddp{devices}"
+    if stages_from is not None:
+        run_dir.mkdir()
+        for name in ("config.yaml", "importance.json", "plan.json", "calibrated.pt"):
+            shutil.copy(tmp_path / stages_from / name, run_dir / name)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"}
     command = [
         sys.executable, "-m", "mqsam2.fit", "--config", "configs/demo.yaml",
@@ -25,7 +33,6 @@ def _fit(tmp_path, devices: int) -> dict:
     ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    run_dir = tmp_path / f"ddp{devices}"
     record = json.loads((run_dir / "units.jsonl").read_text().splitlines()[0])
     state = torch.load(run_dir / "units" / UNIT / "qdrop.pt")
     return {"record": record, "state": state}
@@ -38,7 +45,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     hardened weights agree and the output errors after reconstruction are 15.53 and 15.69 (1 % apart; the
     2-process figure is measured on rank 0's clip). We require 97 % and 10 %: room for batch-order noise, while a
     2-process run that learned something else (lost data, a broken gradient average) drifts further."""
-    one, two = _fit(tmp_path, 1), _fit(tmp_path, 2)
+    one = _fit(tmp_path, 1)
+    two = _fit(tmp_path, 2, stages_from="ddp1")
     assert (one["record"]["world_size"], two["record"]["world_size"]) == (1, 2)
     weights = [k for k in one["state"] if k.endswith(".weight") and one["state"][k].ndim >= 2]
     same = sum(torch.eq(one["state"][k], two["state"][k]).sum().item() for k in weights)

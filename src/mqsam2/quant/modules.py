@@ -42,16 +42,10 @@ class QuantLayerMixin:
         its quantizer changes (evaluation would otherwise re-quantize every weight at every call)."""
         quantizer = self.weight_quantizer
         weight = self.weight
-        tensors = (weight, quantizer.scale, quantizer.zero_point)
-        if (
-            torch.is_grad_enabled()
-            or quantizer.alpha is not None
-            or not quantizer.enabled
-            or any(
-                t.is_inference() for t in tensors
-            )  # made under inference_mode: no version counter to key on
-        ):
+        if torch.is_grad_enabled() or quantizer.alpha is not None or not quantizer.enabled:
             return quantizer(weight)
+        if any(t.is_inference() for t in (weight, quantizer.scale, quantizer.zero_point)):
+            return quantizer(weight)  # made under inference_mode: no version counter to key a cache on
         key = (
             weight.data_ptr(),
             weight._version,
