@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
+import multiprocessing
 import resource
-import subprocess
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from common import describe_device
@@ -24,34 +24,26 @@ from common import describe_device
 MODES = ("materialized", "streamed")
 
 
-def measure(args: argparse.Namespace) -> dict:
-    """In this process: select and evaluate `args.clips` clips one way, then report the peak RSS."""
+def measure(mode: str, clips: int, args: argparse.Namespace) -> dict:
+    """In a fresh process: select and evaluate `clips` clips one way, then report this process's peak RSS."""
     from mqsam2.data import calibration_set, ensure_synth, validation_set
     from mqsam2.evaluate import evaluate_video_grid
     from mqsam2.models import build_sam2
 
     model = build_sam2(args.size, image_size=args.image_size)
-    shards = ensure_synth(args.data_root, args.clips, args.frames, args.image_size, seed=1, images=0)
-    select = validation_set if args.mode == "streamed" else calibration_set
-    clips = select(shards.videos, None, args.clips, args.frames, 0, args.image_size, 0).videos
-    rows = evaluate_video_grid({"model": model}, clips, policies=("fifo",))
+    shards = ensure_synth(args.data_root, clips, args.frames, args.image_size, seed=1, images=0)
+    select = validation_set if mode == "streamed" else calibration_set
+    videos = select(shards.videos, None, clips, args.frames, 0, args.image_size, 0).videos
+    rows = evaluate_video_grid({"model": model}, videos, policies=("fifo",))
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {
-        "mode": args.mode,
-        "clips": args.clips,
-        "peak_rss_mib": round(peak_mib, 1),
-        "objects": rows[0]["objects"],
-    }
+    return {"mode": mode, "clips": clips, "peak_rss_mib": round(peak_mib, 1), "objects": rows[0]["objects"]}
 
 
-def _run_one(mode: str, clips: int, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--measure", "--mode", mode, "--clips", str(clips)]
-    command += ["--frames", str(args.frames), "--image-size", str(args.image_size), "--size", args.size]
-    command += ["--data-root", args.data_root]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def _in_fresh_process(mode: str, clips: int, args: argparse.Namespace) -> dict:
+    """Peak RSS is a per-process high-water mark: each measurement gets a process of its own."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(measure, mode, clips, args).result()
 
 
 def frames_mib(clips: int, args: argparse.Namespace) -> float:
@@ -88,14 +80,8 @@ def main() -> None:
     parser.add_argument("--data-root", default="data/synth")
     parser.add_argument("--figure", type=Path, help="also draw the table as a PNG here")
     parser.add_argument("--machine", default=None, help="the machine's name for the table and figure")
-    parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # one measurement, JSON out
-    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.measure:
-        args.clips = args.clips[0]
-        print(json.dumps(measure(args)))
-        return
-    results = [_run_one(mode, clips, args) for clips in args.clips for mode in MODES]
+    results = [_in_fresh_process(mode, clips, args) for clips in args.clips for mode in MODES]
     machine = args.machine or describe_device()
     print(
         f"validation memory: {args.frames} frames x {args.image_size} px per clip, SAM2.1-{args.size}, {machine}"

@@ -40,7 +40,7 @@ _OS_ERRORS = {
 }
 
 
-_received: list[int] = []  # stop signals this process got, newest last
+_received: list[int] = []  # stop signals received during the current command, newest last
 
 
 class Stopped(BaseException):
@@ -73,6 +73,7 @@ def describe_os_error(exc: OSError) -> str:
 def run_command(body: Callable[[], object], on_stop: str) -> int:
     """Run a command's `body` inside the boundary and return its exit status (see the module docstring).
     `on_stop` tells the user what a stop left behind, e.g. how to resume."""
+    _received.clear()
     previous = {sig: signal.signal(sig, _raise_stopped) for sig in STOP_SIGNALS}
     try:
         body()
