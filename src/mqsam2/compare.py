@@ -451,7 +451,8 @@ class Grid:
         rows = [self.config.rows[index] for index in pending]
         for policy in sorted({p for row in rows for p in self.policies(row)}):
             self.reference(policy)
-        if any(get_method(row.method).quantizes and get_method(row.method).allocator is None for row in rows):
+        methods = [get_method(row.method) for row in rows]
+        if any(method.quantizes and method.allocator is None for method in methods):
             self.shared_importance()
 
     def run_row(self, index: int) -> dict:
@@ -550,12 +551,7 @@ def _worker_start(config: CompareConfig) -> None:
     global _worker_grid
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.jobs))  # the processes share the cores
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s mqsam2[%(process)d] | %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stdout,
-    )
+    _log_progress("mqsam2[%(process)d]")
     _worker_grid = Grid(config)
 
 
@@ -662,10 +658,15 @@ def parse_config(argv: list[str] | None = None) -> CompareConfig:
     return CompareConfig(**{k: v for k, v in vars(values).items() if k in CompareConfig.__dataclass_fields__})
 
 
-def main(argv: list[str] | None = None) -> int:
+def _log_progress(name: str) -> None:
+    """Progress lines on stdout, each stamped with the time and `name` (a row process names itself)."""
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s mqsam2 | %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
+        level=logging.INFO, format=f"%(asctime)s {name} | %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    _log_progress("mqsam2")
     return run_command(
         lambda: Grid(parse_config(argv)).run(),
         on_stop="finished cells are kept; rerun the same command to continue the grid",

@@ -131,24 +131,36 @@ def _zero_point(layer: QuantLayerMixin, dtype: torch.dtype = torch.uint8) -> tor
     return layer.weight_quantizer.zero_point.detach().to(dtype)
 
 
-class QDQLinear(nn.Module):
-    """y = QDQ(x) @ DQ(codes^T) + bias: codes stored transposed ([K, N], per-channel axis 1) so that the
-    DequantizeLinear feeds MatMul directly, the pattern ONNX Runtime fuses into its integer GEMM."""
+class _QDQLayer(nn.Module):
+    """What a QDQ layer holds: the integer codes (transposed for a Linear, so DequantizeLinear feeds MatMul
+    directly), the per-output-channel scale and zero-point, the bias and the input's QDQ."""
 
-    def __init__(self, layer: QuantLayerMixin):
+    def __init__(self, layer: QuantLayerMixin, transpose: bool):
         super().__init__()
         self.bits = layer.bits
         dtype = code_dtype(layer.bits, layer.act_bits)
-        self.register_buffer("codes", _codes(layer, dtype).t().contiguous())
+        codes = _codes(layer, dtype)
+        self.register_buffer("codes", codes.t().contiguous() if transpose else codes)
         self.register_buffer("scale", layer.weight_quantizer.scale.detach().float().clone())
         self.register_buffer("zero_point", _zero_point(layer, dtype))
         self.bias = _bias(layer)
         self.input_qdq = _input_qdq(layer)
 
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_qdq is None else self.input_qdq(x)
+
+
+class QDQLinear(_QDQLayer):
+    """y = QDQ(x) @ DQ(codes^T) + bias: codes stored transposed ([K, N], per-channel axis 1) so that the
+    DequantizeLinear feeds MatMul directly, the pattern ONNX Runtime fuses into its integer GEMM."""
+
+    def __init__(self, layer: QuantLayerMixin):
+        super().__init__(layer, transpose=True)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_qdq is not None:
-            x = self.input_qdq(x)
-        y = torch.matmul(x, dequantize_weight(self.codes, self.scale, self.zero_point, 1))
+        y = torch.matmul(
+            self.quantized_input(x), dequantize_weight(self.codes, self.scale, self.zero_point, 1)
+        )
         return y if self.bias is None else y + self.bias
 
 
@@ -203,32 +215,21 @@ class NBitsLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-class QDQConv2d(nn.Module):
+class QDQConv2d(_QDQLayer):
     """F.conv2d(QDQ(x), DQ(codes)): codes [O, I / groups, kh, kw] with per-output-channel parameters."""
 
     def __init__(self, layer: QuantLayerMixin):
-        super().__init__()
         if layer.padding_mode != "zeros":
             raise MQSAM2Error(f"Conv2d with padding_mode={layer.padding_mode!r} cannot be exported")
-        self.bits = layer.bits
-        self.stride, self.padding, self.dilation, self.groups = (
-            layer.stride,
-            layer.padding,
-            layer.dilation,
-            layer.groups,
-        )
-        dtype = code_dtype(layer.bits, layer.act_bits)
-        self.register_buffer("codes", _codes(layer, dtype))
-        self.register_buffer("scale", layer.weight_quantizer.scale.detach().float().clone())
-        self.register_buffer("zero_point", _zero_point(layer, dtype))
-        self.bias = _bias(layer)
-        self.input_qdq = _input_qdq(layer)
+        super().__init__(layer, transpose=False)
+        self.stride, self.padding = layer.stride, layer.padding
+        self.dilation, self.groups = layer.dilation, layer.groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_qdq is not None:
-            x = self.input_qdq(x)
         weight = dequantize_weight(self.codes, self.scale, self.zero_point, 0)
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(
+            self.quantized_input(x), weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
 
 
 def _export_layer(layer: QuantLayerMixin, config: OnnxExportConfig) -> tuple[nn.Module, str, str | None]:
