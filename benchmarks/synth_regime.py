@@ -24,7 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", help="the trained model to check (default: random init, a smoke run)")
     parser.add_argument("--size", default="t")
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--clips", type=int, default=6)

@@ -82,8 +82,13 @@ def _run(script: str, *args: str, tmp_path: Path) -> str:
             "| avg4 | float 16 / int4 ",
         ),
         ("validation.py", ["--clips", "1", "--frames", "2", "--image-size", "64"], "| 1 | 0 |"),
+        (
+            "synth_regime.py",
+            ["--image-size", "64", "--clips", "1", "--frames", "2", "--objects", "1-1"],
+            "| 1-1 | 1 x 2 | 1 |",
+        ),
     ],
-    ids=["allocation", "data", "memory", "reconstruction", "inference", "validation"],
+    ids=["allocation", "data", "memory", "reconstruction", "inference", "validation", "synth_regime"],
 )
 def test_benchmark_runs_at_toy_size(script, args, expect, tmp_path):
     assert expect in _run(script, *args, tmp_path=tmp_path)
