@@ -13,6 +13,7 @@ import torch
 from mqsam2.compare import (
     ClipScore,
     CompareConfig,
+    Grid,
     Row,
     aggregate,
     main,
@@ -149,3 +150,27 @@ rows:
         # a row process uses its share of the cores, so sums may reassociate: equal to float tolerance
         assert [c.pop("clip") for c in again["clips"]] == [c.pop("clip") for c in cell["clips"]]
         assert again["clips"] == [pytest.approx(clip, rel=1e-3) for clip in cell["clips"]]
+    # report_only writes the table from the stored cells and runs nothing: a missing row is left out
+    (out / "cells" / "minmax-w4a4__fifo.json").unlink()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="mqsam2"):
+        assert main(["--config", str(config), "--report_only", "true"]) == 0
+    assert "minmax-w4a4: not run yet" in caplog.text
+    assert not (out / "cells" / "minmax-w4a4__fifo.json").exists()
+    rows = [line.split(" | ")[0] for line in (out / "table.md").read_text().splitlines()[2:]]
+    assert rows == ["| fp", "| mixqsam2-propagated-avg4"]
+    # A row that breaks is reported with its error, and the rows after it still run
+    broken = Grid.model
+
+    def model(self, row):
+        if row.method == "minmax":
+            raise RuntimeError("kernel missing")
+        return broken(self, row)
+
+    (out / "cells" / "fp__fifo.json").unlink()
+    caplog.clear()
+    with pytest.MonkeyPatch.context() as patch, caplog.at_level("INFO", logger="mqsam2"):
+        patch.setattr(Grid, "model", model)
+        assert main(["--config", str(config)]) == 0
+    assert "row minmax-w4a4 failed: RuntimeError: kernel missing" in caplog.text
+    assert (out / "cells" / "fp__fifo.json").exists()

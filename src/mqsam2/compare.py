@@ -125,6 +125,8 @@ class CompareConfig:
     jobs: int = 1
     # (clips, frames, images) on which `propagated` rows measure each layer's downstream gain
     gain_samples: list[int] = field(default_factory=lambda: list(api.GAIN_SAMPLES))
+    # Write the report from the cells stored so far and run nothing (rows not finished are left out)
+    report_only: bool = False
 
     def __post_init__(self) -> None:
         if self.jobs < 1:
@@ -420,17 +422,39 @@ class Grid:
         self.dir.mkdir(parents=True, exist_ok=True)
         _write_json(self.dir / "config.json", {"rows": [asdict(r) for r in self.config.rows], **self.shared})
         pending = [index for index, row in enumerate(self.config.rows) if not self.finished(row)]
-        if self.config.jobs > 1 and len(pending) > 1:
+        failed: dict[str, str] = {}
+        if self.config.report_only:
+            failed = {self.config.rows[index].name: "not run yet" for index in pending}
+        elif self.config.jobs > 1 and len(pending) > 1:
             self.prepare_shared(pending)
             jobs = min(self.config.jobs, len(pending))
             log.info("%d rows to run in %d processes", len(pending), jobs)
             with get_context("spawn").Pool(jobs, _worker_start, (self.config,)) as pool:
-                for name in pool.imap_unordered(_worker_row, pending):
-                    log.info("row %s finished", name)
-        results = {row.name: self.run_row(index) for index, row in enumerate(self.config.rows)}
+                outcomes = pool.imap_unordered(_worker_row, pending)
+                failed = {name: error for name, error in self._logged(outcomes) if error}
+        else:
+            outcomes = ((self.config.rows[index].name, self.try_row(index)) for index in pending)
+            failed = {name: error for name, error in self._logged(outcomes) if error}
+        results = {
+            row.name: self.run_row(index)
+            for index, row in enumerate(self.config.rows)
+            if row.name not in failed
+        }
         report = self.report(results)
         log.info("compare: %s\n%s", self.dir / "table.md", report)
+        if failed:
+            lines = "\n".join(f"  {name}: {error}" for name, error in failed.items())
+            log.warning("%d rows left out of the report:\n%s", len(failed), lines)
         return results
+
+    @staticmethod
+    def _logged(outcomes):
+        for name, error in outcomes:
+            if error:
+                log.error("row %s failed: %s", name, error)
+            else:
+                log.info("row %s finished", name)
+            yield name, error
 
     def stored_cells(self, row: Row) -> tuple[dict, dict | None, bool]:
         """The row's finished cells (None where a cell is still to run), its image cell, and whether the image
@@ -474,6 +498,18 @@ class Grid:
         if needs_images and self.data.val_images:
             images = self.score_images(row, model, key)
         return {"cells": cells, "images": images}
+
+    def try_row(self, index: int) -> str | None:
+        """Run row `index`, returning its error instead of raising: one broken method must not cost the rest
+        of the grid."""
+        try:
+            self.run_row(index)
+        except MQSAM2Error:
+            raise
+        except Exception as error:
+            log.exception("row %s failed", self.config.rows[index].name)
+            return f"{type(error).__name__}: {error}"
+        return None
 
     def row_info(self, row: Row, allocation: Allocation | None) -> dict:
         method = get_method(row.method)
@@ -555,13 +591,12 @@ def _worker_start(config: CompareConfig) -> None:
     _worker_grid = Grid(config)
 
 
-def _worker_row(index: int) -> str:
-    _worker_grid.run_row(index)
-    return _worker_grid.config.rows[index].name
+def _worker_row(index: int) -> tuple[str, str | None]:
+    return _worker_grid.config.rows[index].name, _worker_grid.try_row(index)
 
 
 def _difference_cell(results: dict, row: str, policy: str, config: CompareConfig) -> str:
-    if config.baseline is None or row == config.baseline:
+    if config.baseline is None or row == config.baseline or config.baseline not in results:
         return "-"
     base_cells = results[config.baseline]["cells"]
     base = base_cells.get(policy) or next(iter(base_cells.values()))
