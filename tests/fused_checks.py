@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mqsam2.quant.quantizer import WeightQuantizer, _training_fake_quantize, rectified_sigmoid
+from mqsam2.quant.quantizer import WeightQuantizer, _training_fake_quantize
+from mqsam2.quant.soft_rounding import rectified_sigmoid
 from mqsam2.reconstruct.rounding import rounding_regularizer
 
 

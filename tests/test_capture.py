@@ -17,6 +17,7 @@ from mqsam2.reconstruct.cache import UnitCache
 from mqsam2.reconstruct.capture import Capturer, chain_cache, record_units
 from mqsam2.reconstruct.driver import Reconstructor
 from mqsam2.reconstruct.units import Unit, reconstruction_units
+from mqsam2.rundir import RunDir
 from mqsam2.workload import Workload
 
 # The same tensors computed in float32 over differently composed batches (the chain runs 8 samples at a time,
@@ -117,7 +118,7 @@ def _reconstructor(calibrated, workload, run_dir, capture, callbacks=None):
     float_model, model = calibrated
     units = ["memory_attention.layers.0", "memory_attention.layers.1"]
     return Reconstructor(
-        copy.deepcopy(model), float_model, workload, config, run_dir, only=units, callbacks=callbacks
+        copy.deepcopy(model), float_model, workload, config, RunDir(run_dir), only=units, callbacks=callbacks
     )
 
 

@@ -22,7 +22,7 @@ from mqsam2.memory.predictor import Prompt
 from mqsam2.models import TensorImagePredictor, build_sam2
 from mqsam2.quant import QuantConfig, calibration, quantizable_layers, quantize, quantized_layers
 from mqsam2.quant.checkpoint import save_quantized
-from mqsam2.reconstruct.driver import phases
+from mqsam2.reconstruct.phases import phases
 from mqsam2.reconstruct.units import reconstruction_units
 from mqsam2.rundir import RunDir
 from tests.conftest import _moving_square_clip

@@ -14,9 +14,11 @@ from mqsam2.config import ReconstructionConfig
 from mqsam2.data import calibration_set, ensure_synth
 from mqsam2.models import build_sam2
 from mqsam2.quant import QuantConfig, calibration, quantize
-from mqsam2.quant.quantizer import ActQuantizer, rectified_sigmoid
-from mqsam2.reconstruct.driver import Reconstructor, phases
+from mqsam2.quant.quantizer import ActQuantizer
+from mqsam2.quant.soft_rounding import rectified_sigmoid
+from mqsam2.reconstruct.driver import Reconstructor
 from mqsam2.reconstruct.module import unit_error
+from mqsam2.reconstruct.phases import phases
 from mqsam2.rundir import RunDir
 from mqsam2.workload import Workload
 

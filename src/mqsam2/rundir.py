@@ -30,7 +30,7 @@ from mqsam2.errors import MQSAM2Error
 from mqsam2.files import TMP_SUFFIX, load_torch, make_folder, write_text
 from mqsam2.models import build_architecture, config_name
 from mqsam2.quant.swap import quantize
-from mqsam2.reconstruct.driver import phases
+from mqsam2.reconstruct.phases import phases
 from mqsam2.reconstruct.units import reconstruction_units
 
 log = logging.getLogger("mqsam2")

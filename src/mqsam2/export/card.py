@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,8 +21,22 @@ from mqsam2.quant.swap import quantized_layers
 
 if TYPE_CHECKING:
     from mqsam2.config import FitConfig
-    from mqsam2.export.format import ExportBytes
     from mqsam2.rundir import RunDir
+
+
+@dataclass(frozen=True)
+class ExportBytes:
+    """Where the bytes of an export go; `total` is the file size (`framing`: magic, lengths and checksum)."""
+
+    framing: int
+    header: int
+    codes: int
+    weight_params: int
+    float_tensors: int
+
+    @property
+    def total(self) -> int:
+        return self.framing + self.header + self.codes + self.weight_params + self.float_tensors
 
 
 class _ByteCounter:

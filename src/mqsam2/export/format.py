@@ -15,14 +15,13 @@ import hashlib
 import json
 import struct
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from mqsam2.errors import MQSAM2Error
-from mqsam2.export.card import build_card, write_card
+from mqsam2.export.card import ExportBytes, build_card, write_card
 from mqsam2.export.pack import pack_codes, unpack_codes
 from mqsam2.files import atomic_output
 from mqsam2.models import build_architecture, matching_configs
@@ -42,20 +41,6 @@ _DTYPES = {
     str(dtype).removeprefix("torch."): dtype
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32)
 } | {"uint8": torch.uint8, "bool": torch.bool}
-
-
-@dataclass(frozen=True)
-class ExportBytes:
-    """Where the bytes of an export go; `total` is the file size."""
-
-    header: int
-    codes: int
-    weight_params: int
-    float_tensors: int
-
-    @property
-    def total(self) -> int:
-        return _PREFIX.size + self.header + self.codes + self.weight_params + self.float_tensors + _DIGEST
 
 
 class _Payload:
@@ -185,6 +170,7 @@ def export_model(
             stream.write(part)
         stream.write(digest.digest())
     sizes = ExportBytes(
+        framing=_PREFIX.size + _DIGEST,
         header=len(header_bytes),
         codes=sum(entry["codes"][1] for entry in weights.values()),
         weight_params=sum(entry["scale"][1] + entry["zero_point"][1] for entry in weights.values()),

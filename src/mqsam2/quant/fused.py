@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mqsam2.quant.quantizer import GAMMA, ZETA
+from mqsam2.quant.soft_rounding import GAMMA, ZETA
 
 BLOCK = 1024
 _LAUNCH = {"enable_fp_fusion": False}  # no fused multiply-adds: the same roundings as the eager ops

@@ -24,13 +24,7 @@ from mqsam2.quant.affine import (
     quantize_affine,
 )
 from mqsam2.quant.observers import Observer, make_observer
-
-GAMMA, ZETA = -0.1, 1.1  # AdaRound's rectified-sigmoid stretch
-
-
-def rectified_sigmoid(alpha: torch.Tensor) -> torch.Tensor:
-    """h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1): reaches exactly 0 and 1 with finite V."""
-    return torch.clamp(torch.sigmoid(alpha) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+from mqsam2.quant.soft_rounding import GAMMA, ZETA, rectified_sigmoid
 
 
 class FakeQuantizer(nn.Module):

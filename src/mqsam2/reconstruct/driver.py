@@ -15,7 +15,6 @@ import logging
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +35,7 @@ from mqsam2.reconstruct.cache import UnitCache
 from mqsam2.reconstruct.capture import Capturer
 from mqsam2.reconstruct.hvq import HierarchicalVideoLoss, is_video_unit
 from mqsam2.reconstruct.module import UnitReconstruction, unit_error
+from mqsam2.reconstruct.phases import Phase, phases
 from mqsam2.reconstruct.placement import CachePolicy, host_budget
 from mqsam2.reconstruct.report import plot_loss_curve, read_metrics
 from mqsam2.reconstruct.rounding import BetaSchedule
@@ -55,34 +55,6 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode",
 warnings.filterwarnings(
     "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
 )
-
-
-@dataclass(frozen=True)
-class Phase:
-    name: str
-    iters: int
-    learn_rounding: bool
-    learn_act: bool
-    drop_prob: float = 0.0
-    act_quant_on: bool = True
-    learn_clipping: bool = False
-
-
-def phases(config: ReconstructionConfig) -> list[Phase]:
-    """QDrop learns everything at once; BRECQ weights (activations float) then activation steps; AdaRound
-    learns only rounding, layer by layer; LSC learns clipping ranges and the weights (rounding to nearest)."""
-    if config.mode == "qdrop":
-        return [Phase("qdrop", config.iters, True, True, config.drop_prob)]
-    if config.mode == "brecq":
-        return [
-            Phase("weights", config.iters, True, False, act_quant_on=False),
-            Phase("activations", config.act_iters or config.iters, False, True),
-        ]
-    if config.mode == "adaround":
-        return [Phase("rounding", config.iters, True, False)]
-    if config.mode == "lsc":
-        return [Phase("lsc", config.iters, False, False, learn_clipping=True)]
-    return []
 
 
 def newest_checkpoint(directory: Path) -> Path | None:
@@ -105,7 +77,7 @@ class Reconstructor:
         float_model: nn.Module,
         workload: Workload,
         config: ReconstructionConfig,
-        run_dir: RunDir | str | Path,
+        run_dir: RunDir,
         loggers: list[Logger] | None = None,
         seed: int = 0,
         only: list[str] | None = None,
@@ -114,10 +86,7 @@ class Reconstructor:
         self.model = model
         self.float_model = float_model
         self.config = config
-        # Imported at run time only: rundir reads the config, which reads this package.
-        from mqsam2.rundir import RunDir
-
-        self.run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        self.run_dir = run_dir
         self.loggers = loggers or []
         self.seed = seed
         self.callbacks = callbacks or []
