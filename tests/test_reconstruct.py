@@ -17,7 +17,8 @@ from mqsam2.quant import QuantConfig, calibration, quantize
 from mqsam2.quant.quantizer import ActQuantizer
 from mqsam2.quant.soft_rounding import rectified_sigmoid
 from mqsam2.reconstruct.driver import Reconstructor
-from mqsam2.reconstruct.module import unit_error
+from mqsam2.reconstruct.graphs import GraphedSteps
+from mqsam2.reconstruct.module import UnitReconstruction, unit_error
 from mqsam2.reconstruct.phases import phases
 from mqsam2.rundir import RunDir
 from mqsam2.workload import Workload
@@ -204,6 +205,80 @@ def test_non_finite_loss_stops_the_unit_and_keeps_the_last_good_checkpoint(calib
     assert checkpoint["global_step"] == 10
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
     assert not (tmp_path / "units" / "obj_ptr_tpos_proj" / "qdrop.pt").exists()
+
+
+def test_cuda_graphs_leave_cpu_steps_eager_and_checkpoints_alike(calibrated, workload, tmp_path, monkeypatch):
+    """reconstruction.cuda_graphs asks for graphs only where they can run: on the CPU no step is captured, and
+    the fit's checkpoints hold the same tensors, bit for bit, as a fit without graphs (the graphed steps live
+    outside the module tree)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a CPU step was captured as a CUDA graph")
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", refuse)
+
+    class LastCheckpoint(L.Callback):
+        def on_save_checkpoint(self, trainer, module, checkpoint):
+            self.graphed = module.graphed
+            self.state = {k: v.clone() for k, v in checkpoint["state_dict"].items()}
+
+    saved = {}
+    for graphs in (False, True):
+        keeper = LastCheckpoint()
+        reconstructor = _reconstructor(
+            calibrated, workload, tmp_path / str(graphs), ["obj_ptr_tpos_proj"], callbacks=[keeper],
+            iters=10, checkpoint_every=5, cuda_graphs=graphs,
+        )  # fmt: skip
+        reconstructor.run()
+        assert not keeper.graphed
+        saved[graphs] = keeper.state
+    assert saved[True].keys() == saved[False].keys()
+    # Only the unit's own tensors (also reached through the forward function), nothing of the graphs' helper.
+    assert {k.split(".")[0] for k in saved[False]} == {"unit_module", "forward_fn"}
+    assert all(torch.equal(saved[True][k], saved[False][k]) for k in saved[False])
+
+
+@pytest.mark.gpu
+def test_a_graphed_step_computes_what_an_eager_step_computes(workload, tmp_path):
+    """One step on one batch with dropping off and the regulariser on: the replayed graph's loss, its terms and
+    the gradients its backward gives match the eager step's (a graph runs the fake-quant unfused: float
+    reassociation only), and capturing leaves the module's state_dict as it was."""
+    float_model = build_sam2("t", image_size=256, device="cuda")
+    model = quantize(copy.deepcopy(float_model), QuantConfig(bits=4))
+    with calibration(model):
+        workload.run_full(model)
+    reconstructor = _reconstructor((float_model, model), workload, tmp_path, [HIERA_BLOCK], accelerator="gpu")
+    unit = reconstructor.units[0]
+    cache = reconstructor.capture(unit)
+    for layer in unit.layers.values():
+        layer.weight_quantizer.start_adaround(layer.weight)
+    device = torch.device("cuda")
+    fit = UnitReconstruction(unit, cache, max_steps=10, drop_prob=0.0, cuda_graphs=True).to(device)
+    assert fit.graphed
+    learned = [p for p in fit.parameters() if p.requires_grad]
+    batch = cache.batch(cache.groups[0][: 2 if cache.batchable else 1], device=device)
+    beta = 10.0
+
+    eager_rec, eager_reg = fit.loss_terms(batch, beta)
+    eager_loss = fit.total_loss(eager_rec, eager_reg)
+    eager_loss.backward()
+    eager_grads = [p.grad.clone() for p in learned]
+    fit.zero_grad(set_to_none=True)
+
+    before = {k: v.clone() for k, v in fit.state_dict().items()}
+    steps = GraphedSteps(fit.loss_terms, fit.unit_module, fit.reg_weight, regularised=True)
+    steps.capture(cache, 2, device)
+    after = fit.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+    loss, rec, reg = steps.step(0, batch, beta)
+    loss.backward()
+    assert rec.item() == pytest.approx(eager_rec.item(), rel=1e-3)
+    assert reg is not None and reg.item() == pytest.approx(eager_reg.item(), rel=1e-4)
+    assert loss.item() == pytest.approx(eager_loss.item(), rel=1e-3)
+    for parameter, eager in zip(learned, eager_grads, strict=True):
+        graphed = parameter.grad
+        assert torch.linalg.vector_norm(graphed - eager) <= 1e-2 * torch.linalg.vector_norm(eager) + 1e-8
 
 
 @pytest.mark.gpu

@@ -1,12 +1,12 @@
 """The LightningModule that reconstructs one unit: AdaRound rounding + LSQ activation steps + QDrop.
 
-It holds only the math; the Trainer (built by the driver) holds devices, DDP, precision, checkpoints and logs.
+It holds only the math; the Trainer (built by the driver) holds devices, DDP, precision, checkpoints and logs,
+and `mqsam2.reconstruct.graphs` replays the steps from CUDA graphs.
 Batches are drawn from the unit's cache by global step, so a resumed fit continues the exact sequence.
 """
 
 from __future__ import annotations
 
-import gc
 import math
 from collections.abc import Callable, Sequence
 
@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_flatten
 
 from mqsam2.errors import MQSAM2Error
 from mqsam2.reconstruct.cache import Batch, UnitCache
+from mqsam2.reconstruct.graphs import GraphedSteps
 from mqsam2.reconstruct.placement import BatchFeeder
 from mqsam2.reconstruct.rounding import BetaSchedule, hardened_fraction, rounding_regularizer
 from mqsam2.reconstruct.units import Unit
@@ -125,11 +126,7 @@ class UnitReconstruction(L.LightningModule):
         self.beta = beta or BetaSchedule(max_steps)
         self.seed = seed
         self.check_finite_every = check_finite_every
-        # Graphs live outside the module tree so checkpoints look the same with and without them.
         self.cuda_graphs = cuda_graphs
-        self._graphs: dict[tuple, nn.Module] = {}
-        self._graph_pool = None
-        self._step_scalars: tuple[torch.Tensor, torch.Tensor] | None = None
         self._feeder: BatchFeeder | None = None
         self.batch_size = 1
         self.log_prefix = ""
@@ -150,6 +147,9 @@ class UnitReconstruction(L.LightningModule):
             quantizer.fused = fused_kernels
         for quantizer in unit.act_quantizers.values():
             quantizer.drop_prob = drop_prob
+        # Outside the module tree, so checkpoints look the same with and without graphs. Eager fits hold one too:
+        # its clear() in finish() is where every fit's reference cycles are collected.
+        self._graphed_steps = GraphedSteps(self.loss_terms, self.unit_module, reg_weight, learn_rounding)
 
     def _quantizers(self) -> list[nn.Module]:
         return [
@@ -201,7 +201,7 @@ class UnitReconstruction(L.LightningModule):
         indices, batch = self._feeder(step)
         beta = self.beta(step)
         if self.graphed:
-            loss, rec, reg = self._graphed_step(self.cache.group_of[indices[0]], batch, beta)
+            loss, rec, reg = self._graphed_steps.step(self.cache.group_of[indices[0]], batch, beta)
         else:
             rec, reg = self.loss_terms(batch, beta, indices)
             loss = self.total_loss(rec, reg)
@@ -227,54 +227,7 @@ class UnitReconstruction(L.LightningModule):
         if not self.graphed:
             return
         with self.trainer.precision_plugin.forward_context():
-            for group, members in enumerate(self.cache.groups):
-                size = min(self.batch_size if self.cache.batchable else 1, len(members))
-                self._graph(group, self.cache.batch(members[:size], device=self.device))
-
-    def _graph_inputs(self, batch: Batch, beta: float | None) -> tuple[torch.Tensor, ...]:
-        if self._step_scalars is None:
-            self._step_scalars = (torch.zeros((), device=self.device), torch.zeros((), device=self.device))
-        beta_t, reg_weight_t = self._step_scalars
-        beta_t.fill_(2.0 if beta is None else beta)
-        reg_weight_t.fill_(0.0 if beta is None else self.reg_weight)
-        return (beta_t, reg_weight_t, *batch.tensors())
-
-    def _graph_autocast(self) -> torch.autocast:
-        """The Trainer's autocast without its weight cache, which CUDA graphs cannot hold."""
-        return torch.autocast(
-            "cuda",
-            dtype=torch.get_autocast_dtype("cuda"),
-            enabled=torch.is_autocast_enabled("cuda"),
-            cache_enabled=False,
-        )
-
-    def _graph(self, group: int, batch: Batch) -> nn.Module:
-        """The graphed step of one batch signature and tensor shapes (a signature fixes all but the leading
-        dimension, and samples may hold several rows), captured on first use."""
-        key = (group, *(tuple(x.shape) for x in batch.tensors()))
-        if key not in self._graphs:
-            # A graph freed by the garbage collector in the middle of a capture invalidates that capture.
-            gc.collect()
-            if self._graph_pool is None:
-                self._graph_pool = torch.cuda.graph_pool_handle()
-            with self._graph_autocast():
-                self._graphs[key] = torch.cuda.make_graphed_callables(
-                    _GroupStep(self, batch),
-                    tuple(x.clone() for x in self._graph_inputs(batch, None)),
-                    allow_unused_input=True,
-                    pool=self._graph_pool,
-                )
-        return self._graphs[key]
-
-    def _graphed_step(
-        self, group: int, batch: Batch, beta: float | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The step's forward and backward replayed from a CUDA graph captured once per batch signature, so
-        a step costs two launches instead of hundreds (units are launch-bound at SAM2's sizes)."""
-        graph = self._graph(group, batch)
-        with self._graph_autocast():
-            loss, terms = graph(*self._graph_inputs(batch, beta))
-        return loss, terms[0], None if beta is None or not self.learn_rounding else terms[1]
+            self._graphed_steps.capture(self.cache, self.batch_size, self.device)
 
     def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
         # Graph replays write gradients into static buffers that .grad may alias: never zero them in place.
@@ -318,9 +271,8 @@ class UnitReconstruction(L.LightningModule):
     def finish(self) -> None:
         """Harden every rounding variable of every layer in the unit and switch dropping off; the unit goes back
         to the model's device (Lightning's teardown moves the fitted module to the CPU)."""
-        self._graphs.clear()
         self._feeder = None
-        gc.collect()  # graphs sit in reference cycles: free them now, not during the next unit's capture
+        self._graphed_steps.clear()
         self.unit_module.to(self.home_device)
         for layer in self.unit.layers.values():
             layer.harden_rounding()
@@ -330,20 +282,3 @@ class UnitReconstruction(L.LightningModule):
             quantizer.fused = False
         for parameter in self.unit_module.parameters():
             parameter.requires_grad_(False)
-
-
-class _GroupStep(nn.Module):
-    """One batch signature's loss as a function of tensors only (what CUDA graph capture needs); the
-    regulariser is always computed and weighted by a tensor, zero during the warm-up."""
-
-    def __init__(self, owner: UnitReconstruction, template: Batch):
-        super().__init__()
-        self.unit_module = owner.unit_module
-        self.loss_terms = owner.loss_terms
-        self.template = template
-
-    def forward(self, beta: torch.Tensor, reg_weight: torch.Tensor, *tensors: torch.Tensor):
-        rec, reg = self.loss_terms(self.template.with_tensors(tensors), beta)
-        if reg is None:
-            return rec, torch.stack([rec, torch.zeros_like(rec)]).detach()
-        return rec + reg_weight * reg, torch.stack([rec, reg]).detach()
