@@ -4,10 +4,12 @@ path they used before: quantize + calibration with the method's observers, and `
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
+from mqsam2 import api
 from mqsam2.allocation import allocate
 from mqsam2.api import Recipe, allocate_bits, measure_importance, quant_config, quantize_sam2
 from mqsam2.data import calibration_set, ensure_synth
@@ -74,3 +76,33 @@ def test_mixed_methods_allocate_as_allocate_does(importance):
         config = quant_config(recipe, via_registry)
         assert (config.plan, config.act_plan) == (direct.plan, direct.act_plan)
         assert not config.quantize_attention and config.attention_probs == "uniform"
+
+
+@pytest.mark.parametrize("method", ["minmax", "ptq4sam"])
+def test_a_workdir_keeps_the_calibrated_model_for_the_same_recipe_only(
+    method, float_model, image_workload, tmp_path
+):
+    """A second call with the same recipe loads the calibrated model (no calibration pass) and gives the same
+    state; another width calibrates again. PTQ4SAM's quantized attention must survive the round trip."""
+    calibrations = []
+    calibrate = api.quantize_calibrated
+
+    def counted(*args, **kwargs):
+        calibrations.append(args[1].bits)
+        return calibrate(*args, **kwargs)
+
+    recipe = Recipe(method=method, bits=4, quant=QuantConfig(observer_sample_size=4096), learn=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(api, "quantize_calibrated", counted)
+        first = quantize_sam2(float_model, image_workload, recipe, tmp_path).model
+        again = quantize_sam2(float_model, image_workload, recipe, tmp_path).model
+        assert len(calibrations) == 1
+        quantize_sam2(float_model, image_workload, dataclasses.replace(recipe, bits=6), tmp_path)
+    assert calibrations == [4, 6]
+    expected, state = first.state_dict(), again.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[key], expected[key]) for key in expected)
+    image = image_workload.images[0]
+    with torch.inference_mode():
+        features = [m.forward_image(image.image[None])["vision_features"] for m in (first, again)]
+    assert torch.equal(*features)

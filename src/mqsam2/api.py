@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import logging
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from mqsam2.allocation import MEASURED_ERRORS, Allocation, allocate
 from mqsam2.config import ReconstructionConfig
 from mqsam2.errors import MQSAM2Error
+from mqsam2.files import save_torch
 from mqsam2.importance import ImportanceCollector, LayerImportance
 from mqsam2.memory.policies import set_memory_policy
 from mqsam2.methods import Method, get_method
@@ -193,16 +197,41 @@ def reconstruct(
     reconstructor.run()
 
 
-def quantize_sam2(
-    float_model: nn.Module,
-    workload: Workload,
-    recipe: Recipe,
-    workdir: str | Path | None = None,
-    importance: dict[str, LayerImportance] | None = None,
-) -> QuantizedSAM2:
-    """The whole recipe of `recipe.method`; `workdir` keeps reconstruction resumable (a temporary one if None),
-    `importance` reuses Eq. 2-4 measurements made earlier on the same model and data (methods with their own
-    `allocator` measure their own)."""
+def recipe_identity(recipe: Recipe) -> str:
+    """What a calibrated model depends on besides the float model and the data: the method's settings, the
+    widths, the quantizer settings and the seed (reconstruction settings are not part of it)."""
+    method = recipe.resolved
+    settings = {
+        f.name: getattr(method, f.name)
+        for f in dataclasses.fields(method)
+        if not callable(getattr(method, f.name))
+    }
+    payload = {
+        "method": settings,
+        "bits": recipe.bits,
+        "widths": recipe.candidate_widths(),
+        "act_bits": recipe.act_bits,
+        "quant": dataclasses.asdict(recipe.quant),
+        "seed": recipe.seed,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _stored_calibration(run: RunDir | None, recipe: Recipe) -> tuple[nn.Module, Allocation] | None:
+    """The calibrated model and allocation an earlier call left in `run` for this recipe, if any."""
+    if run is None or not run.calibrated_model.exists():
+        return None
+    stored = torch.load(run.calibrated_model, map_location="cpu", weights_only=False)
+    if stored["recipe"] != recipe_identity(recipe):
+        log.info("quantize: %s belongs to another recipe, calibrating again", run.calibrated_model)
+        return None
+    log.info("quantize: reusing the calibrated model in %s", run.calibrated_model)
+    return stored["model"], stored["allocation"]
+
+
+def _allocate_and_calibrate(
+    float_model: nn.Module, workload: Workload, recipe: Recipe, importance: dict[str, LayerImportance] | None
+) -> tuple[nn.Module, Allocation]:
     method = recipe.resolved
     if method.allocator is not None:
         allocation = method.allocator(float_model, workload, recipe)
@@ -213,18 +242,42 @@ def quantize_sam2(
         if first is None or (measured and not first.weight_errors) or (gains and first.gain is None):
             importance = measure_importance(float_model, workload, recipe.quant, measured, gains)
         allocation = allocate_bits(importance, recipe)
-    config = quant_config(recipe, allocation)
-    model = quantize_calibrated(float_model, config, workload, method)
+    model = quantize_calibrated(float_model, quant_config(recipe, allocation), workload, method)
+    return model, allocation
+
+
+def quantize_sam2(
+    float_model: nn.Module,
+    workload: Workload,
+    recipe: Recipe,
+    workdir: str | Path | None = None,
+    importance: dict[str, LayerImportance] | None = None,
+) -> QuantizedSAM2:
+    """The whole recipe of `recipe.method`; `workdir` (one per float model and data set) keeps the calibrated
+    model and the reconstruction resumable (a temporary one if None), `importance` reuses Eq. 2-4 measurements made earlier on the same model and data (methods with their own
+    `allocator` measure their own)."""
+    method = recipe.resolved
+    run = None if workdir is None else workdir if isinstance(workdir, RunDir) else RunDir(workdir)
+    stored = _stored_calibration(run, recipe)
+    if stored is not None:
+        model, allocation = stored
+    else:
+        model, allocation = _allocate_and_calibrate(float_model, workload, recipe, importance)
+        if run is not None:
+            save_torch(
+                {"recipe": recipe_identity(recipe), "model": model, "allocation": allocation},
+                run.calibrated_model,
+            )
     rec = dataclasses.replace(
         recipe.reconstruction,
         mode=method.reconstruction if recipe.learn else "none",
         video_loss=method.video_loss,
     )
-    if workdir is None:
+    if run is None:
         with tempfile.TemporaryDirectory(prefix="mqsam2-") as tmp:
             reconstruct(model, float_model, workload, rec, tmp, seed=recipe.seed)
     else:
-        reconstruct(model, float_model, workload, rec, workdir, seed=recipe.seed)
+        reconstruct(model, float_model, workload, rec, run, seed=recipe.seed)
     if method.memory_policy is not None:
         set_memory_policy(model, method.memory_policy)
     return QuantizedSAM2(model, allocation)

@@ -404,7 +404,7 @@ class Grid:
             self.float_model,
             self.data.calibration,
             recipe,
-            self.dir / "rows" / row.name,
+            self.dir / "rows" / f"{row.name}-{key}",  # changed settings start afresh
             self.shared_importance(),
         )
         log.info("  %s: quantized in %.1f s", row.name, time.perf_counter() - start)

@@ -84,6 +84,12 @@ class RunDir:
         return self.path / "calibrated.pt"
 
     @property
+    def calibrated_model(self) -> Path:
+        """The whole calibrated model and its allocation (`mqsam2.api.quantize_sam2`'s resume point), for
+        methods whose module structure a state dict cannot rebuild (e.g. PTQ4SAM's quantized attention)."""
+        return self.path / "calibrated_model.pt"
+
+    @property
     def unit_log(self) -> Path:
         return self.path / "units.jsonl"
 

@@ -168,7 +168,20 @@ _QUANT_ATTENTION_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
 
 
 def quant_attention_class(cls: type[nn.Module]) -> type[nn.Module]:
-    """One quantized subclass per SAM2 attention class (created once, so isinstance and pickling hold)."""
+    """One quantized subclass per SAM2 attention class (created once, so isinstance holds; pickling finds it
+    through the module's `__getattr__`)."""
     if cls not in _QUANT_ATTENTION_CLASSES:
         _QUANT_ATTENTION_CLASSES[cls] = type(f"Quant{cls.__name__}", (QuantAttentionMixin, cls), {})
     return _QUANT_ATTENTION_CLASSES[cls]
+
+
+def __getattr__(name: str) -> type[nn.Module]:
+    """Pickle looks a quantized attention class up here by name (e.g. a saved calibrated model): make it from
+    its SAM2 class, so loading works in a fresh process too."""
+    from sam2.modeling.backbones.hieradet import MultiScaleAttention
+    from sam2.modeling.sam.transformer import Attention, RoPEAttention
+
+    for cls in (Attention, RoPEAttention, MultiScaleAttention):
+        if name == f"Quant{cls.__name__}":
+            return quant_attention_class(cls)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
