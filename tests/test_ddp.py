@@ -1,4 +1,5 @@
-"""Reconstruction under DDP on CPU (gloo, started by the fit CLI through torchrun) against one process."""
+"""Reconstruction and evaluation under DDP on CPU (gloo, started by the fit CLI through torchrun) against one
+process."""
 
 from __future__ import annotations
 
@@ -54,3 +55,30 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert same / total > 0.97
     errors = one["record"]["error_after"], two["record"]["error_after"]
     assert abs(errors[0] - errors[1]) / errors[0] < 0.10, errors
+
+
+def _evaluate(run_root, data_root, devices: int) -> dict:
+    """metrics.json of a calibration-only fit on `devices` CPU processes: the tiny config of the Slurm test
+    (SAM2.1-tiny at 64 px), evaluated on its one validation clip and one image."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"}
+    command = [
+        sys.executable, "-m", "mqsam2.fit", "--config", "configs/slurm_ci.yaml",
+        "--run_root", str(run_root), "--data.root", str(data_root),
+        "--reconstruction.mode", "none", "--reconstruction.devices", str(devices),
+        "--evaluation.enabled", "true", "--logging.wandb", "false", "--export", "false",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads((run_root / "slurm-ci" / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_evaluate_exactly_like_one_process(tmp_path):
+    """One clip and one image on two ranks: rank 0 scores both while rank 1 only runs empty steps, then the
+    metrics sync (validation loop and comparison table). Each item counted once, so the numbers equal one
+    process's exactly; rank 0 draws the overlay without waiting on rank 1."""
+    one = _evaluate(tmp_path / "one", tmp_path / "data", 1)
+    two = _evaluate(tmp_path / "two", tmp_path / "data", 2)
+    assert two == one
+    assert {"val/J&F", "val/fidelity/J&F", "val/mAP", "val/fidelity/mAP"} <= one["validation"].keys()
+    assert list((tmp_path / "two" / "slurm-ci" / "eval" / "overlays").glob("*.png"))

@@ -1,19 +1,28 @@
-"""evaluate_video / evaluate_images (protocol, fidelity, bad input) and the Lightning validation callback."""
+"""evaluate_video / evaluate_images (protocol, fidelity, bad input) and the Lightning validation loop."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from torch.utils.data import DataLoader, DistributedSampler
 
-from mqsam2.callbacks import EvaluationCallback
+from mqsam2 import validation
+from mqsam2.callbacks import OverlayCallback
+from mqsam2.config import parse_config
 from mqsam2.errors import MQSAM2Error
 from mqsam2.evaluate import evaluate_images, evaluate_video, evaluate_video_grid
-from mqsam2.memory import SISVideoPredictor, VideoPredictor
+from mqsam2.memory import SISVideoPredictor, VideoPredictor, using_memory_policy
+from mqsam2.metrics.coco import mask_map
 from mqsam2.models import build_sam2
+from mqsam2.pipeline import Datasets, stage_evaluate
+from mqsam2.rundir import RunDir
+from mqsam2.validation import EvaluationModule, ValidationData, rank_share
 
 from .eval_data import EVAL_IMAGE_SIZE, make_clip, make_image
 
@@ -122,38 +131,32 @@ def test_evaluate_images_against_labels_and_fidelity(model, other_model):
         evaluate_images(model, [bad])
 
 
-class TinyModule(L.LightningModule):
-    """The shape the reconstruction trainer's module has for this callback: `.model` and `.fp_model`."""
+def validate(module, clips=(), images=(), callbacks=(), loggers=False, root=None) -> dict[str, float]:
+    """One Lightning validation loop over the items, as the fit runs it; the logged metrics."""
+    trainer = L.Trainer(
+        accelerator="cpu",
+        use_distributed_sampler=False,
+        logger=loggers,
+        callbacks=list(callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=root,
+    )
+    trainer.validate(module, datamodule=ValidationData(clips, images), verbose=False)
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
-    def __init__(self, model, fp_model):
-        super().__init__()
-        self.model, self.fp_model = model, fp_model
 
-    def validation_step(self, batch, batch_idx):
-        return None
-
-
-def test_callback_logs_metrics_and_overlays_in_a_trainer_validation_loop(
+def test_validation_loop_logs_the_direct_metrics_and_draws_overlays(
     tmp_path, model, other_model, monkeypatch
 ):
     monkeypatch.setenv("WANDB_SILENT", "true")
     clips = [make_clip(num_frames=6, seed=s, video_id=f"clip{s}") for s in (0, 1)]
     images = [make_image(i) for i in (1, 2)]
-    callback = EvaluationCallback(
-        clips, images, memory_policy="sis", memory_options={"capacity": 2, "k": 2}, overlays=1
-    )
+    sis = {"capacity": 2, "k": 2}
     csv_logger = CSVLogger(tmp_path, name="run")
     wandb_logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="mqsam2-test")
-    trainer = L.Trainer(
-        accelerator="cpu",
-        logger=[csv_logger, wandb_logger],
-        callbacks=[callback],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
-    module = TinyModule(other_model, model)
+    module = EvaluationModule(other_model, model, memory_policy="sis", memory_options=sis)
     seen = []
     original = SISVideoPredictor._prepare_memory_conditioned_features
 
@@ -162,19 +165,110 @@ def test_callback_logs_metrics_and_overlays_in_a_trainer_validation_loop(
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(SISVideoPredictor, "_prepare_memory_conditioned_features", spy)
-    trainer.validate(module, dataloaders=torch.utils.data.DataLoader([0]))
+    loggers = [csv_logger, wandb_logger]
+    logged = validate(module, clips, images, [OverlayCallback(overlays=1)], loggers, tmp_path)
     wandb_logger.experiment.finish()
-    assert seen and type(other_model) is VideoPredictor  # evaluated under SIS, restored afterwards
+    # Evaluated under SIS, each model's own policy restored afterwards.
+    assert seen and type(other_model) is type(model) is VideoPredictor
+    # The same metrics computed directly, without Lightning, on the same models and items.
+    with using_memory_policy(other_model, "sis", **sis), using_memory_policy(model, "sis", **sis):
+        scores = {"": evaluate_video(other_model, clips)}
+        scores["fidelity/"] = evaluate_video(other_model, clips, reference=model)
+    for prefix, reference in (("", None), ("fidelity/", model)):
+        stats = mask_map(other_model, images, reference=reference)
+        scores[prefix] |= {k: stats[k] for k in ("mAP", "mAP50", "mAP75")}
+    expected = {f"val/{p}{k}": v for p, s in scores.items() for k, v in s.items() if k != "objects"}
+    assert logged == pytest.approx(expected, rel=1e-6)
     with open(tmp_path / "run" / "version_0" / "metrics.csv") as fh:
         row = next(csv.DictReader(fh))
-    for key in ("val/J", "val/F", "val/J&F", "val/mAP", "val/fidelity/J&F", "val/fidelity/mAP"):
-        assert 0 <= float(row[key]) <= 1, key
-    assert float(row["val/J&F"]) == pytest.approx((float(row["val/J"]) + float(row["val/F"])) / 2)
+    assert {k: float(row[k]) for k in logged} == pytest.approx(logged, rel=1e-6)
     overlays = list((tmp_path / "run" / "version_0" / "overlays").glob("*.png"))
     assert [p.name for p in overlays] == ["epoch000_clip0.png"]
     assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/val/overlays_*.png"))
 
 
-def test_callback_needs_something_to_evaluate():
+def test_a_model_against_itself_has_fidelity_one_and_label_free_clips_give_only_fidelity(model):
+    unlabelled = make_clip(num_frames=4, seed=4, video_id="unlabelled")
+    unlabelled.annotated = torch.tensor([True, False, False, False])  # only the prompt frame is annotated
+    logged = validate(EvaluationModule(model, model, memory_policy=None), [unlabelled], [make_image(1)])
+    assert {k: v for k, v in logged.items() if "fidelity" in k} == {
+        "val/fidelity/J": 1.0,
+        "val/fidelity/F": 1.0,
+        "val/fidelity/J&F": 1.0,
+        "val/fidelity/mAP": 1.0,
+        "val/fidelity/mAP50": 1.0,
+        "val/fidelity/mAP75": 1.0,
+    }
+    assert {k for k in logged if "fidelity" not in k} == {"val/mAP", "val/mAP50", "val/mAP75"}
+
+
+class Recorded(list):
+    """A validation set that records which items are indexed, as a lazy set decodes them."""
+
+    def __init__(self, items):
+        super().__init__(items)
+        self.indexed = []
+
+    def __getitem__(self, index):
+        self.indexed.append(index)
+        return super().__getitem__(index)
+
+
+def test_the_loop_visits_each_item_once_indexing_one_at_a_time(model, monkeypatch):
+    clips = Recorded([make_clip(num_frames=2, seed=s, video_id=f"clip{s}") for s in range(3)])
+    images = Recorded([make_image(i) for i in (1, 2)])
+    tracked, scored = [], []
+    original = validation.predict_instances
+
+    def track(model, clip, prompts):
+        tracked.append(clip.video_id)
+        return clip.masks
+
+    def predict(predictor, sample, detections):
+        scored.append(sample.image_id)
+        return original(predictor, sample, detections)
+
+    monkeypatch.setattr(validation, "track", track)
+    monkeypatch.setattr(validation, "predict_instances", predict)
+    logged = validate(EvaluationModule(model, model), clips, images)
+    assert clips.indexed == [0, 1, 2] and images.indexed == [0, 1]
+    assert tracked == ["clip0", "clip0", "clip1", "clip1", "clip2", "clip2"]  # the quantized and the FP model
+    assert scored == [1, 1, 2, 2]
+    assert logged["val/J&F"] == logged["val/fidelity/J&F"] == 1.0
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_rank_shares_are_disjoint_complete_and_even_without_repeats(world):
+    for count in range(8):
+        shares = [rank_share(count, rank, world) for rank in range(world)]
+        items = [i for share in shares for i in share if i is not None]
+        assert sorted(items) == list(range(count))  # each item on exactly one rank
+        assert {len(share) for share in shares} == {-(-count // world)}  # same number of steps everywhere
+        assert all(None not in share[: len(share) - share.count(None)] for share in shares)  # fillers last
+
+
+def test_a_distributed_sampler_is_refused_and_nothing_to_evaluate_is_an_error(model):
+    loader = DataLoader([0], sampler=DistributedSampler([0], num_replicas=1, rank=0))
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    with pytest.raises(MQSAM2Error, match="count twice"):
+        trainer.validate(EvaluationModule(model, model), dataloaders=loader, verbose=False)
     with pytest.raises(MQSAM2Error, match="nothing to evaluate"):
-        EvaluationCallback([], [])
+        ValidationData([], [])
+
+
+def test_stage_evaluate_logs_the_loop_and_its_table_agrees(tmp_path, model, other_model):
+    """The fit's evaluation stage: the validation loop's metrics equal the comparison table's row for the same
+    model and memory policy, which the non-Lightning path (evaluate_video_grid, mask_map) computes."""
+    config = parse_config(["--config", "configs/demo.yaml", "--run_root", str(tmp_path)])
+    evaluation = dataclasses.replace(config.evaluation, memory=["sis"], baselines=[], overlays=1)
+    config = dataclasses.replace(config, evaluation=evaluation)
+    data = Datasets(None, [make_clip(num_frames=4, seed=5)], [make_image(1)])
+    results = stage_evaluate(other_model, model, config, data, RunDir(tmp_path / "run"), [])
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == results
+    row = next(r for r in results["table"] if r["model"] == config.name)
+    validation = results["validation"]
+    for key in ("J", "F", "J&F", "fidelity/J", "fidelity/F", "fidelity/J&F", "mAP", "fidelity/mAP"):
+        assert validation[f"val/{key}"] == pytest.approx(row[key], rel=1e-6), key
+    assert list((tmp_path / "run" / "eval" / "overlays").glob("*.png"))

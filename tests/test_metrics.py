@@ -280,9 +280,8 @@ def test_segm_stats_equal_cocoeval_on_a_hand_built_example():
     assert 0 < ours["mAP"] < 1 and ours["mAP50"] > ours["mAP75"]
 
 
-def test_mask_map_metric_synced_from_shards_equals_the_whole_set():
-    """Each rank scores its share; torchmetrics' "cat" reduction (what DDP sync applies, here by merge_state)
-    must give exactly the whole set's COCOeval stats (checked against hand-built COCO dicts above)."""
+def coco_pairs() -> list[tuple[Instances, SimpleNamespace]]:
+    """`coco_example` as MaskMAP.update's arguments, one (prediction, target) pair per image."""
     gt, pred = coco_example()
     samples = {
         i: SimpleNamespace(
@@ -299,14 +298,47 @@ def test_mask_map_metric_synced_from_shards_equals_the_whole_set():
         )
         for i, objs in pred.items()
     }  # fmt: skip
-    whole = segm_stats(coco_ground_truth(list(samples.values())), coco_results(instances.values()))
+    return [(instances[i], samples[i]) for i in samples]
+
+
+def whole_set_stats(pairs) -> dict[str, float]:
+    return segm_stats(coco_ground_truth([t for _, t in pairs]), coco_results([p for p, _ in pairs]))
+
+
+def test_mask_map_metric_synced_from_shards_equals_the_whole_set():
+    """Each rank scores its share; torchmetrics' "cat" reduction (what DDP sync applies, here by merge_state)
+    must give exactly the whole set's COCOeval stats (checked against hand-built COCO dicts above)."""
+    pairs = coco_pairs()
     ranks = [MaskMAP(), MaskMAP()]
-    for n, image_id in enumerate(samples):
-        ranks[n % 2].update(instances[image_id], samples[image_id])
+    for n, (prediction, target) in enumerate(pairs):
+        ranks[n % 2].update(prediction, target)
     ranks[0].merge_state(ranks[1])
     # COCOeval sorts images by id and keeps each image's detections in order, so the shards' order does not
     # reach the arithmetic: the same operations on the same numbers, hence equality.
-    assert ranks[0].compute() == whole
+    assert ranks[0].compute() == whole_set_stats(pairs)
+
+
+def _mask_map_rank(rank: int, world: int, port: int, pairs, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    metric = MaskMAP()
+    for prediction, target in pairs[rank::world]:
+        metric.update(prediction, target)
+    with open(f"{out_dir}/rank{rank}.json", "w") as fh:
+        json.dump(metric.compute(), fh)
+    dist.destroy_process_group()
+
+
+def test_mask_map_syncs_across_ddp_ranks_with_uneven_and_empty_shares(tmp_path):
+    """Three gloo ranks over two images: the two shares' states differ in length and the third rank scored
+    nothing; every rank computes the whole set's stats."""
+    pairs = coco_pairs()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_mask_map_rank, args=(3, port, pairs, str(tmp_path)), nprocs=3)
+    expected = whole_set_stats(pairs)
+    for rank in range(3):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
 
 
 def test_perfect_predictions_score_one_and_no_predictions_zero():

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger
-from torch.utils.data import DataLoader
 
 from mqsam2 import api
 from mqsam2.allocation import allocate, plot_allocation, read_plan, write_plan
-from mqsam2.callbacks import EvaluationCallback
+from mqsam2.callbacks import OverlayCallback
 from mqsam2.config import FitConfig
 from mqsam2.data import calibration_set, ensure_synth, validation_set
 from mqsam2.distributed import local_rank, rank_and_world, trainer_layout
@@ -34,6 +33,7 @@ from mqsam2.models import build_sam2
 from mqsam2.quant import quantize
 from mqsam2.reconstruct.units import unit_names
 from mqsam2.rundir import RunDir
+from mqsam2.validation import EvaluationModule, ValidationData
 from mqsam2.wandb_images import log_images
 from mqsam2.workload import Workload
 
@@ -239,18 +239,6 @@ def summary(run: RunDir) -> dict:
     return {"run_dir": str(run.path), "units": run.unit_records()}
 
 
-class EvaluationModule(L.LightningModule):
-    """The quantized model and its float reference for the validation loop; EvaluationCallback does the work."""
-
-    def __init__(self, model: torch.nn.Module, fp_model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-        self.fp_model = fp_model
-
-    def validation_step(self, batch, batch_idx):
-        return None
-
-
 def uniform_baseline(
     float_model: torch.nn.Module, bits: int, config: FitConfig, workload: Workload
 ) -> torch.nn.Module:
@@ -268,30 +256,30 @@ def stage_evaluate(
     run: RunDir,
     loggers: list[Logger],
 ) -> dict:
-    """Lightning validation loop with the EvaluationCallback (SIS active), then the comparison table."""
+    """Lightning validation loop (SIS active) over the validation items, then the comparison table."""
     cfg = config.evaluation
     if not cfg.enabled or not (data.val_videos or data.val_images):
         log.info("evaluation: skipped (%s)", "disabled" if not cfg.enabled else "no validation data")
         return {}
     images = data.val_images if cfg.images else []
-    callback = EvaluationCallback(
-        data.val_videos,
-        images,
+    module = EvaluationModule(
+        model,
+        float_model,
         prompt=config.data.prompt,
         detections=cfg.detections,
         memory_policy="sis" if "sis" in cfg.memory else cfg.memory[0],
-        overlays=cfg.overlays,
     )
     trainer = L.Trainer(
         accelerator=config.reconstruction.accelerator,
         **trainer_layout(config.reconstruction.strategy),
+        use_distributed_sampler=False,  # ValidationData shards the items itself, without repeating any
         logger=[CSVLogger(run.path, name=run.eval_dir.name, version=""), *loggers],
-        callbacks=[callback],
+        callbacks=[OverlayCallback(cfg.overlays)],
         enable_model_summary=False,
         enable_progress_bar=False,
     )
     device = next(model.parameters()).device
-    trainer.validate(EvaluationModule(model, float_model), DataLoader([0]), verbose=False)
+    trainer.validate(module, datamodule=ValidationData(data.val_videos, images), verbose=False)
     for evaluated in (model, float_model):  # Lightning's teardown left them on the CPU
         evaluated.to(device)
     validation = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -3,6 +3,7 @@
 from mqsam2.metrics.coco import (
     Instances,
     MaskMAP,
+    against_reference,
     coco_ground_truth,
     coco_results,
     load_detections,
@@ -16,6 +17,7 @@ __all__ = [
     "Instances",
     "JandF",
     "MaskMAP",
+    "against_reference",
     "boundary_f_measure",
     "boundary_map",
     "coco_ground_truth",

@@ -22,6 +22,8 @@ from pycocotools.cocoeval import COCOeval
 from sam2.modeling.sam2_base import SAM2Base
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 from mqsam2.errors import MQSAM2Error
 from mqsam2.models import TensorImagePredictor
@@ -176,34 +178,42 @@ def segm_stats(gt: COCO, results: list[dict]) -> dict[str, float]:
     return dict(zip(STAT_NAMES, (float(v) for v in evaluator.stats), strict=True))
 
 
+def _gather_bytes(state: Tensor, group=None) -> list[Tensor]:
+    """torchmetrics' gather, except that the empty float tensor it stands in for a rank that scored no image (its
+    byte lists are empty) is sent as the bytes it replaces: ranks must gather one dtype."""
+    return gather_all_tensors(state.to(torch.uint8) if state.is_floating_point() else state, group)
+
+
 class MaskMAP(Metric):
     """COCO segm stats accumulated image by image and synced across ranks (each rank scores its share). The
-    state is the images' COCO entries as RLE JSON bytes (a few KB per image): no masks or pixels are kept."""
+    state is the images' COCO entries as JSON lines of RLE text (a few KB per image): no masks or pixels are
+    kept. Each state is a list of byte tensors, one line per image: torchmetrics gathers lists whose lengths
+    differ between ranks, while it stacks tensor states, which must then agree in shape."""
 
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
 
     def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        for name in ("truth", "predictions"):  # JSON bytes of all images, and each image's length
-            self.add_state(f"{name}_bytes", torch.zeros(0, dtype=torch.uint8), dist_reduce_fx="cat")
-            self.add_state(f"{name}_lengths", torch.zeros(0, dtype=torch.int64), dist_reduce_fx="cat")
+        super().__init__(**{"dist_sync_fn": _gather_bytes, **kwargs})
+        self.add_state("truth", [], dist_reduce_fx="cat")
+        self.add_state("predictions", [], dist_reduce_fx="cat")
+        self.add_state("images", torch.tensor(0), dist_reduce_fx="sum")
 
     def _append(self, name: str, value) -> None:
-        data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8).to(self.device)
-        setattr(self, f"{name}_bytes", torch.cat([getattr(self, f"{name}_bytes"), data]))
-        length = torch.tensor([len(data)], device=self.device)
-        setattr(self, f"{name}_lengths", torch.cat([getattr(self, f"{name}_lengths"), length]))
+        line = bytearray(json.dumps(value).encode() + b"\n")
+        getattr(self, name).append(torch.frombuffer(line, dtype=torch.uint8).to(self.device))
 
     def update(self, prediction: Instances, target) -> None:
         """One image: the prediction's instances against `target` (an ImageSample or a reference's Instances)."""
         self._append("truth", _image_entry(target))
         self._append("predictions", coco_results([prediction]))
+        self.images += 1
 
     def _decoded(self, name: str) -> list:
-        data, lengths = getattr(self, f"{name}_bytes"), getattr(self, f"{name}_lengths")
-        return [json.loads(c.numpy().tobytes()) for c in data.cpu().split(lengths.cpu().tolist())]
+        state = getattr(self, name)  # one tensor per image, or all ranks' lines in one once synced
+        data = dim_zero_cat(state).cpu().numpy().tobytes() if len(state) else b""
+        return [json.loads(line) for line in data.splitlines()]
 
     def compute(self) -> dict[str, float]:
         truth = self._decoded("truth")
@@ -235,11 +245,17 @@ def mask_map(
         prediction = predict_instances(predictor, sample, dets)
         if reference_predictor is None:
             metric.update(prediction, sample)
-            continue
-        target = predict_instances(reference_predictor, sample, dets)
-        scorable = target.masks.flatten(1).any(1)
-        metric.update(_select(prediction, scorable), _select(target, scorable))
+        else:
+            target = predict_instances(reference_predictor, sample, dets)
+            metric.update(*against_reference(prediction, target))
     return metric.compute()
+
+
+def against_reference(prediction: Instances, reference: Instances) -> tuple[Instances, Instances]:
+    """One image's prediction and the reference's masks for the same prompts, as MaskMAP.update takes them:
+    prompts on which the reference predicts an empty mask are left out, since COCO can match nothing to one."""
+    scorable = reference.masks.flatten(1).any(1)
+    return _select(prediction, scorable), _select(reference, scorable)
 
 
 def _select(instances: Instances, keep: Tensor) -> Instances:
