@@ -5,7 +5,8 @@
 # so the next call on the same machine goes on where this one stopped. The trained model is expected at
 # /tmp/m/sam21t_512_synth.pt (../shared/device/carry-model.sh) and the device wheels under /tmp/site.
 #   bash jobs/device_compare.sh data                 # make the calibration and validation clips (all cores)
-#   bash jobs/device_compare.sh 540 [compare args]   # run the grid for 540 s, then report and pack
+#   bash jobs/device_compare.sh 500 [compare args]   # run the grid for 500 s, then report and pack (the
+#                                                    # rows' processes take up to a minute to stop)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 PYTHONPATH="/tmp/site:$PWD/src"
 grid=(--config configs/compare/sam21t_512.yaml --model.checkpoint /tmp/m/sam21t_512_synth.pt
@@ -23,7 +24,7 @@ fi
 seconds=${1:?usage: device_compare.sh data | SECONDS [compare args]}
 shift
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader | tee -a "$OUT/compare.log"
-timeout -s TERM "$seconds" python -m mqsam2.compare "${grid[@]}" "$@" 2>&1 | tee -a "$OUT/compare.log"
-python -m mqsam2.compare "${grid[@]}" --report_only true 2>&1 | tail -n 60 | tee -a "$OUT/compare.log"
+timeout -k 15 "$seconds" python -m mqsam2.compare "${grid[@]}" "$@" 2>&1 | tee -a "$OUT/compare.log"
+timeout -k 5 40 python -m mqsam2.compare "${grid[@]}" --report_only true 2>&1 | tail -n 60 | tee -a "$OUT/compare.log"
 tar czf "$OUT/cells.tgz" -C /tmp/cmp/sam21t_512 --ignore-failed-read cells table.md table.png per_clip.json \
     importance.json config.json
