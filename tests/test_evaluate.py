@@ -93,8 +93,10 @@ def test_grid_has_a_row_per_model_and_policy(model, other_model):
     assert rows[0]["fidelity/J&F"] == rows[2]["fidelity/J&F"] == 1.0 and rows[1]["fidelity/J&F"] < 1
     assert 0 <= rows[1]["J&F"] <= 1 and rows[1]["objects"] == 2
     assert rows[1]["J&F"] == evaluate_video(other_model, clips)["J&F"]
-    # 4 frames never overflow the bank, so SIS equals the stock memory here.
-    assert rows[1]["J&F"] == rows[3]["J&F"] and rows[1]["fidelity/J&F"] == rows[3]["fidelity/J&F"]
+    # 4 frames never overflow the bank, so SIS equals the stock memory here (SIS tracks one object at a time,
+    # the stock memory in a batch: a random-init model's near-zero logits may flip a pixel).
+    assert rows[1]["J&F"] == pytest.approx(rows[3]["J&F"], abs=1e-3)
+    assert rows[1]["fidelity/J&F"] == pytest.approx(rows[3]["fidelity/J&F"], abs=1e-3)
     assert type(model) is type(other_model) is VideoPredictor
 
 

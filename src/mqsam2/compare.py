@@ -43,7 +43,7 @@ from mqsam2.config import (
     changed_identity,
 )
 from mqsam2.errors import MQSAM2Error
-from mqsam2.evaluate import clip_prompts, score_tracks, track
+from mqsam2.evaluate import clip_prompts, score_tracks, track_all
 from mqsam2.files import save_torch, write_text
 from mqsam2.importance import LayerImportance, read_importance, write_importance
 from mqsam2.memory.policies import using_memory_policy
@@ -158,7 +158,7 @@ class ClipScore:
 
 
 def _sums(pred: torch.Tensor, target: torch.Tensor, clip, prompts, annotated_only: bool) -> tuple:
-    metric = JandF()
+    metric = JandF().to(pred.device)
     score_tracks(metric, pred, target, clip, prompts, annotated_only)
     return int(metric.tracks), float(metric.j_sum), float(metric.f_sum)
 
@@ -301,9 +301,9 @@ class Grid:
         self.prompts = [clip_prompts(clip, self.config.data.prompt) for clip in self.data.val_videos]
 
     def track_all(self, model: torch.nn.Module, policy: str) -> list:
-        clips = self.data.val_videos
+        """Every validation clip's masks under `policy`, on the model's device."""
         with using_memory_policy(model, policy):
-            return [track(model, clip, p) for clip, p in zip(clips, self.prompts, strict=True)]
+            return track_all(model, self.data.val_videos, self.prompts)
 
     def reference(self, policy: str) -> list:
         """The float model's masks under `policy`, tracked once per grid and kept on disk (bit-packed)."""
@@ -315,11 +315,13 @@ class Grid:
             )
             stored = torch.load(path, weights_only=True) if path.exists() else None
             if stored is not None and stored["key"] == key:
-                self.references[policy] = [unpack_masks(packed) for packed in stored["masks"]]
+                self.references[policy] = [
+                    unpack_masks(packed).to(self.float_model.device) for packed in stored["masks"]
+                ]
             else:
                 log.info("  float model under %s: tracking %d clips", policy, len(self.data.val_videos))
                 masks = self.track_all(self.float_model, policy)
-                save_torch({"key": key, "masks": [pack_masks(m) for m in masks]}, path)
+                save_torch({"key": key, "masks": [pack_masks(m.cpu()) for m in masks]}, path)
                 self.references[policy] = masks
         return self.references[policy]
 

@@ -19,6 +19,7 @@ from sam2.modeling.sam2_base import SAM2Base
 from torch import Tensor
 
 from mqsam2.errors import MQSAM2Error
+from mqsam2.memory.batched import batched_tracking_supported, track_clips
 from mqsam2.memory.policies import using_memory_policy
 from mqsam2.memory.predictor import Prompt, VideoPredictor
 from mqsam2.metrics.coco import mask_map
@@ -75,12 +76,25 @@ def clip_prompts(clip, kind: PromptKind = "box", max_objects: int | None = None)
 
 
 def track(predictor: VideoPredictor, clip, prompts: dict[int, Prompt]) -> Tensor:
-    """Predicted masks bool [O, T, H, W] in `clip.obj_ids` order (unprompted objects stay empty)."""
-    tracked = predictor.track_clip(clip.frames, tuple(int(v) for v in clip.orig_size), prompts)
-    masks = torch.zeros_like(clip.masks)
-    rows = [list(clip.obj_ids).index(obj_id) for obj_id in prompts]
-    masks[rows] = tracked
-    return masks
+    """Predicted masks bool [O, T, H, W] in `clip.obj_ids` order (unprompted objects stay empty), on the CPU."""
+    return track_all(predictor, [clip], [prompts])[0].cpu()
+
+
+def track_all(
+    predictor: VideoPredictor, clips: Sequence, prompts: Sequence[dict[int, Prompt]], batch_objects: int = 64
+) -> list[Tensor]:
+    """Each clip's predicted masks bool [O, T, H, W] (`clip.obj_ids` order), on the predictor's device: every
+    object of every clip stepped in batches where the model allows it (`mqsam2.memory.batched`), one object
+    at a time otherwise. Both give the masks of sam2's per-object tracking."""
+    if batched_tracking_supported(predictor, prompts):
+        return track_clips(predictor, clips, prompts, batch_objects)
+    tracked = []
+    for clip, clip_prompts_ in zip(clips, prompts, strict=True):
+        masks = predictor.track_clip(clip.frames, tuple(int(v) for v in clip.orig_size), clip_prompts_)
+        full = torch.zeros_like(clip.masks, device=masks.device)
+        full[[list(clip.obj_ids).index(obj_id) for obj_id in clip_prompts_]] = masks
+        tracked.append(full)
+    return tracked
 
 
 def score_tracks(
@@ -92,11 +106,13 @@ def score_tracks(
             f"video {clip.video_id}: masks must be [objects, frames, H, W] = {list(clip.masks.shape)}, "
             f"got prediction {list(pred.shape)} and reference {list(target.shape)}"
         )
-    after = torch.arange(len(clip.frames))
+    target = target.to(pred.device)
+    after = torch.arange(len(clip.frames), device=pred.device)
+    annotated = clip.annotated.bool().to(pred.device)
     for obj_id, prompt in prompts.items():
         frames = after > prompt.frame
         if annotated_only:
-            frames &= clip.annotated.bool()
+            frames &= annotated
         if frames.any():
             row = list(clip.obj_ids).index(obj_id)
             metric.update(pred[row, frames], target[row, frames])
@@ -109,7 +125,7 @@ def _jandf(
     prompts: Sequence,
     annotated_only: bool,
 ) -> dict[str, float]:
-    metric = JandF()
+    metric = JandF().to(preds[0].device)
     for pred, target, clip, clip_prompt in zip(preds, targets, clips, prompts, strict=True):
         score_tracks(metric, pred, target, clip, clip_prompt, annotated_only)
     if not int(metric.tracks):
@@ -133,11 +149,11 @@ def evaluate_video(
             f"reference masks cover {len(reference)} clips, expected one per clip ({len(clips)})"
         )
     prompts = [clip_prompts(clip, prompt) for clip in clips]
-    preds = [track(predictor, clip, p) for clip, p in zip(clips, prompts, strict=True)]
+    preds = track_all(predictor, clips, prompts)
     if isinstance(reference, str):
         targets = [clip.masks for clip in clips]
     elif isinstance(reference, VideoPredictor):
-        targets = [track(reference, clip, p) for clip, p in zip(clips, prompts, strict=True)]
+        targets = track_all(reference, clips, prompts)
     else:
         targets = reference
     return _jandf(preds, targets, clips, prompts, annotated_only=isinstance(reference, str))

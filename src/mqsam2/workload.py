@@ -12,6 +12,7 @@ import torch
 from mqsam2.data import ImageSample, VideoClip
 from mqsam2.errors import MQSAM2Error
 from mqsam2.evaluate import clip_prompts
+from mqsam2.memory.batched import batched_tracking_supported, track_clips
 from mqsam2.memory.predictor import VideoPredictor
 from mqsam2.models import TensorImagePredictor
 from mqsam2.reconstruct.positions import tracking_clip
@@ -69,12 +70,15 @@ class Workload:
     def run_full(self, model: VideoPredictor) -> None:
         """Every clip tracked from its prompts (memory attention, memory encoder and mask decoder see their
         deployment inputs), and every image segmented from its boxes. Unit calls made while a clip is tracked
-        know their (clip, frame) (`mqsam2.reconstruct.positions`)."""
-        for index, clip in enumerate(self.videos):
-            with tracking_clip(model, index):
-                model.track_clip(
-                    clip.frames, clip.orig_size, clip_prompts(clip, self.prompt, self.max_objects)
-                )
+        know their (clip, frame) (`mqsam2.reconstruct.positions`). Objects and clips are stepped in batches
+        where the model allows it (`mqsam2.memory.batched`), one object at a time otherwise."""
+        prompts = [clip_prompts(clip, self.prompt, self.max_objects) for clip in self.videos]
+        if batched_tracking_supported(model, prompts):
+            track_clips(model, self.videos, prompts, encoder_batch=self.encoder_batch)
+        else:
+            for index, (clip, clip_prompt) in enumerate(zip(self.videos, prompts, strict=True)):
+                with tracking_clip(model, index):
+                    model.track_clip(clip.frames, clip.orig_size, clip_prompt)
         self.run_images(model)
 
     @torch.inference_mode()

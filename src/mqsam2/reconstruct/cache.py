@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from mqsam2.errors import MQSAM2Error
+from mqsam2.memory.batched import current_rows
 from mqsam2.reconstruct.positions import Position, current_position
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,23 @@ def copy_call(args: tuple, kwargs: dict, output: Any, device: torch.device) -> C
     )
 
 
+def recorded_calls(args: tuple, kwargs: dict, output: Any, device: torch.device) -> list[Call]:
+    """The calls the one-object-at-a-time tracker makes: a call of the batched tracker (`mqsam2.memory.batched`)
+    is split into one call per batch row, each with its row's (clip, frame). An input the rows share (the
+    object-pointer time encoding has no batch dimension) stays one call."""
+    call = copy_call(args, kwargs, output, device)
+    rows = current_rows()
+    if rows is None:
+        return [call]
+    calls = split_batch(call) if len(rows) > 1 else [call]
+    if len(calls) != len(rows):
+        call.position = rows[0]
+        return [call]
+    for sample, position in zip(calls, rows, strict=True):
+        sample.position = position
+    return calls
+
+
 def call_nbytes(call: Call) -> int:
     return sum(x.nbytes for x in (*call.inputs, *call.outputs) if isinstance(x, torch.Tensor))
 
@@ -69,7 +87,7 @@ def record_calls(module: nn.Module, device: torch.device | str = "cpu") -> Itera
     device = torch.device(device)
 
     def hook(_module, args, kwargs, output):
-        calls.append(copy_call(args, kwargs, output, device))
+        calls.extend(recorded_calls(args, kwargs, output, device))
 
     handle = module.register_forward_hook(hook, with_kwargs=True)
     try:

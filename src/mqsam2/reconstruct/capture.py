@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from mqsam2.reconstruct.cache import Call, UnitCache, call_nbytes, copy_call, record_calls, split_batch
+from mqsam2.reconstruct.cache import Call, UnitCache, call_nbytes, record_calls, recorded_calls, split_batch
 from mqsam2.reconstruct.units import Link, Unit
 
 if TYPE_CHECKING:
@@ -148,9 +148,9 @@ def record_units(
 
     def hook_for(name: str):
         def hook(_module, args, kwargs, output):
-            call = copy_call(args, kwargs, output, _HOST)
-            recorded[name].append(call)
-            sizes[name] += call_nbytes(call)
+            calls = recorded_calls(args, kwargs, output, _HOST)
+            recorded[name].extend(calls)
+            sizes[name] += sum(call_nbytes(call) for call in calls)
             while budget_bytes is not None and sum(sizes.values()) > budget_bytes:
                 largest = max(sizes, key=sizes.__getitem__)
                 log.info("  host budget: %s left for a pass of its own", largest)
