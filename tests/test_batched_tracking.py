@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -12,7 +13,11 @@ from mqsam2.evaluate import clip_prompts
 from mqsam2.memory.batched import batched_tracking_supported, track_clips
 from mqsam2.memory.policies import using_memory_policy
 from mqsam2.models import build_sam2
+from mqsam2.quant import quantize
+from mqsam2.quant.quantizer import ActQuantizer
+from mqsam2.quant.swap import QuantConfig, calibration
 from mqsam2.reconstruct.capture import record_units
+from mqsam2.reconstruct.positions import batch_rows, current_rows
 from mqsam2.workload import Workload
 
 from .eval_data import EVAL_IMAGE_SIZE, make_clip
@@ -68,6 +73,48 @@ def test_batched_masks_equal_one_object_at_a_time(model, kind):
         assert mismatch <= PIXEL_TOLERANCE, f"clip {clip.video_id}: {mismatch:.2%} of pixels differ"
         start = min(p.frame for p in clip_prompts_.values())
         assert not masks[:, :start].any(), "frames before a clip's first prompt stay empty"
+
+
+def test_the_naive_dynamic_quantizer_takes_one_range_per_batch_row():
+    """Inside the batched tracker each batch row is quantized with its own range, as the one-object tracker
+    quantizes that object's call alone; outside it (or on an input the rows share) the whole input's range."""
+    quantizer = ActQuantizer(4)
+    quantizer.make_dynamic()
+    rows = torch.randn(3, 5, 7) * torch.tensor([0.1, 1.0, 10.0]).view(3, 1, 1)
+    with batch_rows([(0, 0), (1, 0), (2, 0)]):
+        batched = quantizer(rows)
+        shared = quantizer(rows[0, :2])  # dim 0 is not the batch: one range
+    alone = torch.cat([quantizer(row[None]) for row in rows])
+    torch.testing.assert_close(batched, alone, rtol=0, atol=0)
+    torch.testing.assert_close(shared, quantizer(rows[0, :2]), rtol=0, atol=0)
+    assert not torch.equal(quantizer(rows), alone), "one range for the whole batch would differ"
+
+
+def test_every_dynamic_input_in_batched_tracking_is_batched_by_track_or_shared(model):
+    """The per-row range above is per object only if every quantized input of a tracking step carries the
+    tracks in dim 0: all of them do but the object-pointer time encoding, which every track shares (the image
+    encoder, which merges frames and windows in dim 0, encodes one frame per call for such a model)."""
+    dynamic = copy.deepcopy(model)
+    config = QuantConfig(bits=4, act_observer="dynamic", quantize_attention=True)
+    quantize(dynamic, config)
+    with calibration(dynamic, config):
+        pass
+    seen_unbatched = set()
+
+    def check(name):
+        def hook(_module, args):
+            rows = current_rows()
+            if rows is not None and len(rows) > 1 and args[0].shape[0] != len(rows):
+                seen_unbatched.add(name)
+
+        return hook
+
+    for name, module in dynamic.named_modules():
+        if isinstance(module, ActQuantizer):
+            module.register_forward_pre_hook(check(name))
+    clips = clips_of_mixed_layouts()
+    track_clips(dynamic, clips, [clip_prompts(clip) for clip in clips], encoder_batch=2)
+    assert seen_unbatched == {"obj_ptr_tpos_proj.input_quantizer"}
 
 
 def test_policies_that_couple_objects_or_read_the_bank_track_one_at_a_time(model):

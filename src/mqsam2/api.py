@@ -36,6 +36,7 @@ from mqsam2.quant import calibration, quantizable_layers, quantize
 from mqsam2.quant.swap import QuantConfig
 from mqsam2.rundir import RunDir
 from mqsam2.sensitivity import measure_layer_errors
+from mqsam2.stages import stage
 from mqsam2.workload import Workload
 
 log = logging.getLogger(__name__)
@@ -262,7 +263,8 @@ def quantize_sam2(
     if stored is not None:
         model, allocation = stored
     else:
-        model, allocation = _allocate_and_calibrate(float_model, workload, recipe, importance)
+        with stage("calibrate"):
+            model, allocation = _allocate_and_calibrate(float_model, workload, recipe, importance)
         if run is not None:
             save_torch(
                 {"recipe": recipe_identity(recipe), "model": model, "allocation": allocation},

@@ -52,6 +52,7 @@ from mqsam2.metrics.coco import mask_map
 from mqsam2.metrics.jandf import JandF
 from mqsam2.quant import quantize
 from mqsam2.quant.swap import QuantConfig
+from mqsam2.stages import StageTimes, collecting, stage, summary, synchronize
 
 log = logging.getLogger("mqsam2")
 
@@ -251,6 +252,7 @@ class Grid:
         self.float_model: torch.nn.Module | None = None
         self.data = None
         self.references: dict[str, list] = {}
+        self.reference_seconds: dict[str, float] = {}  # tracking the float masks, per policy (this process)
         self.importance: dict[str, LayerImportance] | None = None
 
     def row_key(self, row: Row) -> str:
@@ -320,7 +322,10 @@ class Grid:
                 ]
             else:
                 log.info("  float model under %s: tracking %d clips", policy, len(self.data.val_videos))
+                start = time.perf_counter()
                 masks = self.track_all(self.float_model, policy)
+                synchronize()
+                self.reference_seconds[policy] = time.perf_counter() - start
                 save_torch({"key": key, "masks": [pack_masks(m.cpu()) for m in masks]}, path)
                 self.references[policy] = masks
         return self.references[policy]
@@ -377,10 +382,11 @@ class Grid:
             act_bits=row.act_bits,
         )
 
-    def model(self, row: Row) -> tuple[torch.nn.Module, Allocation | None]:
-        """The row's model: the float one, a saved quantized one, or quantized now (and saved)."""
+    def model(self, row: Row) -> tuple[torch.nn.Module, Allocation | None, StageTimes]:
+        """The row's model: the float one, a saved quantized one, or quantized now (and saved), with the seconds
+        its making took per stage (kept with a saved model, so a resumed grid still reports them)."""
         if not get_method(row.method).quantizes:
-            return self.float_model, None
+            return self.float_model, None, StageTimes()
         recipe = self.recipe(row)
         state_path = self.dir / "models" / f"{row.name}.pt"
         key = self.row_key(row)
@@ -400,27 +406,30 @@ class Grid:
                     setattr(model.get_submodule(parent), child, model.get_submodule(name).to_float())
                 model.load_state_dict(saved["state"])
                 log.info("  %s: reusing %s", row.name, state_path)
-                return model, allocation
+                return model, allocation, StageTimes(**saved.get("times", {}))
         start = time.perf_counter()
-        result = api.quantize_sam2(
-            self.float_model,
-            self.data.calibration,
-            recipe,
-            self.dir / "rows" / f"{row.name}-{key}",  # changed settings start afresh
-            self.shared_importance(),
-        )
-        log.info("  %s: quantized in %.1f s", row.name, time.perf_counter() - start)
+        with collecting() as times:
+            result = api.quantize_sam2(
+                self.float_model,
+                self.data.calibration,
+                recipe,
+                self.dir / "rows" / f"{row.name}-{key}",  # changed settings start afresh
+                self.shared_importance(),
+            )
+        log.info("  %s: quantized in %.1f s (%s)", row.name, time.perf_counter() - start, summary(times))
         if get_method(row.method).act_observer != "dynamic":
             from mqsam2.quant.swap import quantized_layers
 
             kept = sorted(set(result.allocation.plan) - set(quantized_layers(result.model)))
             saved = {"key": key, "state": result.model.state_dict(), "float_layers": kept}
-            save_torch({**saved, "allocation": dataclasses.asdict(result.allocation)}, state_path)
-        return result.model, result.allocation
+            saved |= {"allocation": dataclasses.asdict(result.allocation), "times": dataclasses.asdict(times)}
+            save_torch(saved, state_path)
+        return result.model, result.allocation, times
 
     # ----------------------------------------------------------------------------------------------- run
 
     def run(self) -> dict:
+        start = time.perf_counter()
         self.dir.mkdir(parents=True, exist_ok=True)
         _write_json(self.dir / "config.json", {"rows": [asdict(r) for r in self.config.rows], **self.shared})
         pending = [index for index, row in enumerate(self.config.rows) if not self.finished(row)]
@@ -443,6 +452,7 @@ class Grid:
             if row.name not in failed
         }
         report = self.report(results)
+        _write_json(self.dir / "grid.json", grid_times(results, time.perf_counter() - start))
         log.info("compare: %s\n%s", self.dir / "table.md", report)
         if failed:
             lines = "\n".join(f"  {name}: {error}" for name, error in failed.items())
@@ -492,11 +502,11 @@ class Grid:
         log.info(position)
         self.prepare()
         key = self.row_key(row)
-        model, allocation = self.model(row)
+        model, allocation, times = self.model(row)
         info = self.row_info(row, allocation)
         for policy, cell in cells.items():
             if cell is None:
-                cells[policy] = self.score_cell(row, model, policy, key, info)
+                cells[policy] = self.score_cell(row, model, policy, key, info, times)
         if needs_images and self.data.val_images:
             images = self.score_images(row, model, key)
         return {"cells": cells, "images": images}
@@ -526,11 +536,23 @@ class Grid:
             }
         return info
 
-    def score_cell(self, row: Row, model: torch.nn.Module, policy: str, key: str, info: dict) -> dict:
+    def score_cell(
+        self, row: Row, model: torch.nn.Module, policy: str, key: str, info: dict, made: StageTimes
+    ) -> dict:
+        """Track and score the validation clips; the cell reports the row's seconds per stage (`made`: making
+        the model) with this evaluation's (the float row's is the tracking of the reference masks)."""
         start = time.perf_counter()
-        references = self.reference(policy)
-        preds = references if model is self.float_model else self.track_all(model, policy)
-        scores = score_clips(preds, references, self.data.val_videos, self.prompts)
+        with collecting() as times:
+            references = self.reference(policy)
+            with stage("evaluate"):
+                preds = references if model is self.float_model else self.track_all(model, policy)
+                scores = score_clips(preds, references, self.data.val_videos, self.prompts)
+        if model is self.float_model:
+            times.add({"evaluate": self.reference_seconds.get(policy, 0.0)})
+        times.add(made.seconds)
+        times.gpu_peak_gib = max(
+            (t for t in (times.gpu_peak_gib, made.gpu_peak_gib) if t is not None), default=None
+        )
         cell = {
             "key": key,
             **info,
@@ -538,6 +560,7 @@ class Grid:
             **aggregate(scores),
             "clips": [asdict(s) for s in scores],
             "seconds": round(time.perf_counter() - start, 1),
+            "times": times.report(),
         }
         _write_json(self.cell_path(row, policy), cell)
         log.info(
@@ -568,6 +591,21 @@ class Grid:
         )
         plot_report(results, self.config, self.dir / "table.png")
         return table
+
+
+def grid_times(results: dict, wall_s: float) -> dict:
+    """Where the grid's time went: the device, this call's wall-clock seconds, and per row its iterations and
+    seconds per stage (evaluation summed over the row's memory policies), from the cells."""
+    rows = {}
+    for name, result in results.items():
+        cells = [cell for cell in result["cells"].values() if cell and "times" in cell]
+        if not cells:
+            continue
+        times = dict(cells[0]["times"])
+        times["evaluate_s"] = round(sum(cell["times"]["evaluate_s"] for cell in cells), 2)
+        rows[name] = {"iters": cells[0].get("iters", 0), **times}
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+    return {"device": device, "wall_s": round(wall_s, 1), "rows": rows}
 
 
 def pack_masks(masks: torch.Tensor) -> dict:

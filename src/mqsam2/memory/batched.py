@@ -11,16 +11,15 @@ its own prompt frame, so objects that agree on those three are stepped together,
 steps run first, as `add_new_points_or_box` does before propagation, so a track that starts before its own
 prompt frame sees that frame's memory, as in sam2.
 
-What is batched must not depend on the batch: the naive dynamic quantizer (ranges from the whole input) and
-memory policies that choose memories from the bank's contents are tracked object by object instead
+What is batched must not depend on the batch: the naive dynamic quantizer takes one range per batch row while
+the tracker runs (`mqsam2.reconstruct.positions.current_rows`; the image encoder then takes one frame per
+call), and memory policies that choose memories from the bank's contents are tracked object by object instead
 (`batched_tracking_supported`).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
-from contextvars import ContextVar
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,38 +28,16 @@ from sam2.utils.misc import fill_holes_in_mask_scores
 from torch import Tensor
 
 from mqsam2.memory.predictor import Prompt, VideoPredictor
-
-Position = tuple[int, int]  # (clip index in the caller's list, frame index in the clip)
-
-# (clip, frame) of each batch row of the SAM2 call in progress, so recorders can split a batched call into the
-# per-object calls the one-object-at-a-time tracker makes.
-_ROWS: ContextVar[tuple[Position, ...] | None] = ContextVar("mqsam2_batch_rows", default=None)
-
-
-def current_rows() -> tuple[Position, ...] | None:
-    """(clip, frame) of every batch row of the batched tracking call in progress, or None outside one."""
-    return _ROWS.get()
-
-
-@contextlib.contextmanager
-def _rows(rows: Sequence[Position]) -> Iterator[None]:
-    token = _ROWS.set(tuple(rows))
-    try:
-        yield
-    finally:
-        _ROWS.reset(token)
+from mqsam2.quant.quantizer import ActQuantizer
+from mqsam2.reconstruct.positions import Position, batch_rows
 
 
 def batched_tracking_supported(model: VideoPredictor, prompts: Sequence[dict[int, Prompt]]) -> bool:
-    """Whether `track_clips` may batch: FIFO memory (stock sam2), no batch-dependent quantizer, no mask prompts
-    and no non-overlap constraint (which couples the objects of a frame)."""
-    from mqsam2.quant.quantizer import ActQuantizer
-
+    """Whether `track_clips` may batch: FIFO memory (stock sam2), no mask prompts and no non-overlap constraint
+    (which couples the objects of a frame)."""
     if type(model) is not VideoPredictor or getattr(model, "non_overlap_masks", False):
         return False
-    if any(p.mask is not None for clip_prompts in prompts for p in clip_prompts.values()):
-        return False
-    return not any(isinstance(m, ActQuantizer) and m.dynamic for m in model.modules())
+    return all(p.mask is None for clip_prompts in prompts for p in clip_prompts.values())
 
 
 def prompt_points(prompt: Prompt, video_size: tuple[int, int], image_size: int) -> tuple[Tensor, Tensor]:
@@ -118,7 +95,7 @@ class _Features:
         outputs = []
         for begin in range(0, len(needed), chunk):
             part = needed[begin : begin + chunk]
-            with _rows([(clip, frame) for clip in part]):
+            with batch_rows([(clip, frame) for clip in part]):
                 images = torch.stack([clips[clip].frames[frame] for clip in part]).to(device).float()
                 outputs.append(model.forward_image(images))
         self.fpn = [
@@ -231,6 +208,8 @@ def track_clips(
     name the clips in the recorded positions (default: their index in `clips`).
     """
     clip_ids = list(range(len(clips))) if clip_ids is None else list(clip_ids)
+    if any(isinstance(m, ActQuantizer) and m.dynamic for m in model.modules()):
+        encoder_batch = 1  # the image encoder merges frames and windows in dim 0: one frame per call, as sam2
     device = model.device
     masks = [
         torch.zeros(
@@ -255,7 +234,7 @@ def track_clips(
         prompted = [group for group in groups if group.prompt == frame]
         features = encode(frame, prompted)
         for group in prompted:
-            with _rows(positions(group, frame)):
+            with batch_rows(positions(group, frame)):
                 _prompt_step(model, group, features)
     for frame in range(max((group.frames for group in groups), default=0)):
         active = [group for group in groups if group.start <= frame < group.frames]
@@ -263,7 +242,7 @@ def track_clips(
             continue
         features = encode(frame, [g for g in active if g.prompt != frame])
         for group in active:
-            with _rows(positions(group, frame)):
+            with batch_rows(positions(group, frame)):
                 low_res = _propagation_step(model, group, frame, features)
             if frame < group.prompt:
                 continue

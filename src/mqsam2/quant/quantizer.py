@@ -25,6 +25,7 @@ from mqsam2.quant.affine import (
 )
 from mqsam2.quant.observers import Observer, make_observer
 from mqsam2.quant.soft_rounding import GAMMA, ZETA, rectified_sigmoid
+from mqsam2.reconstruct.positions import current_rows
 
 
 class FakeQuantizer(nn.Module):
@@ -141,6 +142,18 @@ class ActQuantizer(FakeQuantizer):
         self.initialized.fill_(True)
         self._known_ready = True
 
+    def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
+        """The input's own range; one range per batch row inside the batched tracker, whose rows are the
+        separate calls of sam2's one-object-at-a-time tracking (an input the rows share keeps one range)."""
+        rows = current_rows()
+        x_ = x.detach()
+        if rows is not None and len(rows) > 1 and x.ndim > 1 and x.shape[0] == len(rows):
+            flat = x_.flatten(1)
+            scale, zero_point = params_from_range(flat.amin(1), flat.amax(1), self.bits)
+            return fake_quantize(x, scale, zero_point, self.bits, axis=0)
+        scale, zero_point = params_from_range(x_.amin(), x_.amax(), self.bits)
+        return fake_quantize(x, scale, zero_point, self.bits)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
             self.observer.update(x)
@@ -148,8 +161,7 @@ class ActQuantizer(FakeQuantizer):
         if not self.enabled:
             return x
         if self.dynamic:
-            scale, zero_point = params_from_range(x.detach().amin(), x.detach().amax(), self.bits)
-            return fake_quantize(x, scale, zero_point, self.bits)
+            return self._dynamic(x)
         self._check_ready()
         if not torch.is_grad_enabled() and x.dtype == torch.float32:
             # One fused kernel, bit for bit the same arithmetic as fake_quantize (see quant/affine.py).

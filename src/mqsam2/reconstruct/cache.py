@@ -22,8 +22,7 @@ from torch import nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from mqsam2.errors import MQSAM2Error
-from mqsam2.memory.batched import current_rows
-from mqsam2.reconstruct.positions import Position, current_position
+from mqsam2.reconstruct.positions import Position, current_position, current_rows
 
 log = logging.getLogger(__name__)
 

@@ -41,6 +41,7 @@ from mqsam2.reconstruct.report import plot_loss_curve, read_metrics
 from mqsam2.reconstruct.rounding import BetaSchedule
 from mqsam2.reconstruct.units import Unit, reconstruction_units
 from mqsam2.slurm import lightning_requeues
+from mqsam2.stages import stage
 from mqsam2.wandb_images import log_images
 from mqsam2.workload import Workload
 
@@ -117,7 +118,8 @@ class Reconstructor:
         self.capturer.plan(self.units, [u for u in self.units if not self._finished(u, plan)])
         for index, unit in enumerate(self.units, start=1):
             log.info("unit %d/%d: %s (%d layers)", index, len(self.units), unit.name, len(unit.layers))
-            self.capturer.before(unit)
+            with stage("capture"):
+                self.capturer.before(unit)
             cache = None
             rounded = {k: v.clone() for k, v in unit.module.state_dict().items()}  # round-to-nearest
             for phase in plan:
@@ -147,7 +149,8 @@ class Reconstructor:
     def capture(self, unit: Unit) -> UnitCache:
         """The unit's calibration tensors (`mqsam2.reconstruct.capture` says where they come from)."""
         start = time.perf_counter()
-        cache = self.capturer.capture(unit)
+        with stage("capture"):
+            cache = self.capturer.capture(unit)
         log.info(
             "  captured %d samples (%.1f MiB) in %.1f s",
             len(cache),
@@ -229,24 +232,26 @@ class Reconstructor:
         )
         if resume:
             log.info("  %s: resuming from %s (step %d)", phase.name, resume.name, first_step)
-        with lightning_requeues():  # Slurm's warning: Lightning writes an hpc checkpoint of this phase
+        with lightning_requeues(), stage("steps"):  # Slurm's warning: Lightning writes an hpc checkpoint
             trainer.fit(module, DataLoader(range(phase.iters), batch_size=None), ckpt_path=resume)
         seconds = time.perf_counter() - start
-        if clipping is not None:
-            clipping.finish()
-        module.finish()
-        for quantizer in unit.act_quantizers.values():
-            quantizer.enabled = True
-        errors = {"error_before": error_before, "error_after": unit_error(unit, cache)}
+        with stage("harden"):
+            if clipping is not None:
+                clipping.finish()
+            module.finish()
+            for quantizer in unit.act_quantizers.values():
+                quantizer.enabled = True
+            errors = {"error_before": error_before, "error_after": unit_error(unit, cache)}
         grew = errors["error_after"] > self.config.max_error_growth * error_before
         if trainer.strategy.reduce_boolean_decision(grew, all=False):  # every rank decides alike
             errors |= self._keep_rounded(unit, phase, errors, rounded, cache)
         if self.rank == 0:
-            self._report(unit, phase, phase_dir, phase.iters - first_step, seconds, errors)
-            save_torch(unit.module.state_dict(), self.run_dir.phase_state(unit.name, phase.name))
-            for stale in phase_dir.glob("*.ckpt"):
-                stale.unlink()
-            self._write_unit_log()
+            with stage("report"):
+                self._report(unit, phase, phase_dir, phase.iters - first_step, seconds, errors)
+                save_torch(unit.module.state_dict(), self.run_dir.phase_state(unit.name, phase.name))
+                for stale in phase_dir.glob("*.ckpt"):
+                    stale.unlink()
+                self._write_unit_log()
 
     def _keep_rounded(self, unit: Unit, phase: Phase, errors: dict, rounded: dict, cache: UnitCache) -> dict:
         """Reconstruction made the unit worse than `max_error_growth` allows: stop, or (on_blowup=keep_rtn)

@@ -11,7 +11,7 @@ position at call time.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 
 from torch import nn
@@ -20,6 +20,25 @@ Position = tuple[int, int]  # (clip index in the workload, frame index in the cl
 
 _CLIP: ContextVar[int | None] = ContextVar("mqsam2_clip", default=None)
 _FRAME: ContextVar[int | None] = ContextVar("mqsam2_frame", default=None)
+# (clip, frame) of each batch row of the batched tracker's call in progress (`mqsam2.memory.batched`)
+_ROWS: ContextVar[tuple[Position, ...] | None] = ContextVar("mqsam2_batch_rows", default=None)
+
+
+def current_rows() -> tuple[Position, ...] | None:
+    """(clip, frame) of every batch row of the batched tracking call in progress, or None outside one: recorders
+    split such a call into the per-object calls of the one-object-at-a-time tracker, and per-input quantizers
+    take one range per row."""
+    return _ROWS.get()
+
+
+@contextlib.contextmanager
+def batch_rows(rows: Sequence[Position]) -> Iterator[None]:
+    """Inside the block, each batch row of SAM2's calls is the track at (clip, frame) `rows[i]`."""
+    token = _ROWS.set(tuple(rows))
+    try:
+        yield
+    finally:
+        _ROWS.reset(token)
 
 
 def current_position() -> Position | None:
