@@ -58,6 +58,25 @@ def test_mse_range_beats_minmax_in_lp_error_and_matches_brute_force():
     assert lp_error(best) < lp_error(1.0)
 
 
+def test_per_channel_mse_picks_each_channels_own_best_candidate():
+    """Brute force per channel: the candidates a loop from the full range down tries, the first best kept."""
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(3, 400, generator=generator) * torch.tensor([[0.1], [1.0], [5.0]])
+    weight[1, 7] = 30.0  # one channel with an outlier wants a clipped range
+    observer = MSEObserver(p=2.4, steps=50, axis=0, sample_size=None)
+    observer.update(weight)
+    lo, hi = observer.compute_range(4)
+    for channel, row in enumerate(weight):
+        best, best_error = None, float("inf")
+        for shrink in torch.linspace(1.0, 1.0 / 50, 50).tolist():
+            scale, zero_point = params_from_range(row.min() * shrink, row.max() * shrink, 4)
+            error = (fake_quantize(row, scale, zero_point, 4) - row).abs().pow(2.4).mean().item()
+            if error < best_error:
+                best, best_error = shrink, error
+        assert hi[channel].item() == pytest.approx(row.max().item() * best, rel=1e-5)
+        assert lo[channel].item() == pytest.approx(row.min().item() * best, rel=1e-5)
+
+
 def test_observer_without_data_is_an_error():
     with pytest.raises(MQSAM2Error, match="no data"):
         MinMaxObserver().compute_range(8)

@@ -19,7 +19,9 @@ call), and memory policies that choose memories from the bank's contents are tra
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -31,10 +33,25 @@ from mqsam2.memory.predictor import Prompt, VideoPredictor
 from mqsam2.quant.quantizer import ActQuantizer
 from mqsam2.reconstruct.positions import Position, batch_rows
 
+_ONE_AT_A_TIME: ContextVar[bool] = ContextVar("mqsam2_one_object_at_a_time", default=False)
+
+
+@contextlib.contextmanager
+def one_object_at_a_time() -> Iterator[None]:
+    """Inside the block every tracking pass takes sam2's own path, one object at a time (the engine before
+    batching, which `benchmarks/grid.py` measures side by side)."""
+    token = _ONE_AT_A_TIME.set(True)
+    try:
+        yield
+    finally:
+        _ONE_AT_A_TIME.reset(token)
+
 
 def batched_tracking_supported(model: VideoPredictor, prompts: Sequence[dict[int, Prompt]]) -> bool:
     """Whether `track_clips` may batch: FIFO memory (stock sam2), no mask prompts and no non-overlap constraint
-    (which couples the objects of a frame)."""
+    (which couples the objects of a frame), and not inside `one_object_at_a_time`."""
+    if _ONE_AT_A_TIME.get():
+        return False
     if type(model) is not VideoPredictor or getattr(model, "non_overlap_masks", False):
         return False
     return all(p.mask is None for clip_prompts in prompts for p in clip_prompts.values())

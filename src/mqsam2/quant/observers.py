@@ -109,19 +109,21 @@ class MSEObserver(Observer):
         self.steps = steps
 
     def _range(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-        values = self._values
-        best_err = torch.full((values.shape[0],), float("inf"), device=values.device)
-        best_lo, best_hi = self.lo.clone(), self.hi.clone()
-        for shrink in torch.linspace(1.0, 1.0 / self.steps, self.steps).tolist():
-            lo, hi = self.lo * shrink, self.hi * shrink
-            scale, zero_point = params_from_range(lo, hi, bits)
-            approx = fake_quantize(values, scale, zero_point, bits, axis=0)
-            err = (approx - values).abs().pow(self.p).mean(dim=1)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_lo = torch.where(better, lo, best_lo)
-            best_hi = torch.where(better, hi, best_hi)
-        return best_lo, best_hi
+        """All candidates at once, in chunks of about 2^22 elements (one kernel sequence per chunk instead of
+        per candidate: a calibration has hundreds of quantizers); ties keep the widest range, as a loop from
+        the full range down would."""
+        values = self._values  # [C, N]
+        shrinks = torch.linspace(1.0, 1.0 / self.steps, self.steps, device=values.device)
+        chunk = max(1, (1 << 22) // max(values.numel(), 1))
+        errors = []
+        for start in range(0, self.steps, chunk):
+            shrink = shrinks[start : start + chunk, None]  # [k, 1]
+            scale, zero_point = params_from_range(self.lo[None] * shrink, self.hi[None] * shrink, bits)
+            approx = fake_quantize(values[None], scale[..., None], zero_point[..., None], bits)
+            errors.append((approx - values[None]).abs().pow(self.p).mean(dim=2))  # [k, C]
+        best = torch.cat(errors).argmin(dim=0)  # the first of equal errors
+        shrink = shrinks[best]
+        return self.lo * shrink, self.hi * shrink
 
 
 OBSERVERS = {
