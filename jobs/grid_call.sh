@@ -3,7 +3,8 @@
 # the trained model's regime (../shared/data/regime_clips.py, DAVIS layout, converted to shards). Logs and
 # results go to $OUT; the grid's folder stays under $WORK so a later call on the same warm machine goes on.
 #
-#   bash jobs/grid_call.sh dry GENERATOR          # CPU, toy size, random-init model: the whole path in ~1 min
+#   bash jobs/grid_call.sh dry GENERATOR [ARGS]   # CPU, toy size, random-init model: the whole path (4 min;
+#                                                 # ARGS go to compare, e.g. --rows to run fewer)
 #   bash jobs/grid_call.sh data GENERATOR         # GPU call 1: wheels, model half A, the clips and their shards
 #   bash jobs/grid_call.sh grid [SECONDS]         # GPU call 2: model half B, the grid for SECONDS (540), report
 #   bash jobs/grid_call.sh bench [ARGS]           # GPU call 3: benchmarks/grid.py (old vs new engine, fp32 vs bf16)
@@ -43,7 +44,8 @@ dry)
     # the grid's rows at toy size: a random-init model at 64 px, 2 iterations per unit, 3 clips
     "$PY" -m mqsam2.compare "${grid_args[@]}" --model.checkpoint null --model.image_size 64 \
         --data.calib_videos 2 --data.calib_frames 4 --data.val_videos 3 --data.val_frames 4 \
-        --reconstruction.iters 2 --reconstruction.accelerator cpu --gain_samples '[1, 2, 0]' 2>&1 | tee -a "$log"
+        --reconstruction.iters 2 --reconstruction.accelerator cpu --gain_samples '[1, 2, 0]' "${@:2}" 2>&1 \
+        | tee -a "$log"
     status=${PIPESTATUS[0]}
     cp -r "$WORK/cmp/sam21t_512_regime" "$OUT/grid" 2>/dev/null
     exit "$status"

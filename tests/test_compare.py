@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from mqsam2 import api
 from mqsam2.compare import (
     ClipScore,
     CompareConfig,
@@ -20,11 +21,14 @@ from mqsam2.compare import (
     pack_masks,
     paired_bootstrap,
     parse_config,
+    score_clips,
     unpack_masks,
 )
-from mqsam2.config import ReconstructionConfig, changed_identity
+from mqsam2.config import DataConfig, ModelConfig, ReconstructionConfig, changed_identity
 from mqsam2.errors import MQSAM2Error
+from mqsam2.evaluate import track_all
 from mqsam2.methods import get_method
+from mqsam2.quant.swap import QuantConfig
 
 
 def exact_bootstrap_distribution(num, den):
@@ -131,6 +135,12 @@ rows:
     cell = json.loads((out / "cells" / "mixqsam2-propagated-avg4__fifo.json").read_text())
     assert cell["weight_avg_bits"] <= 4 and cell["act_avg_bits"] <= 4
     assert (out / "cells" / "fp__fifo.json").exists()
+    # where the time went: every row's seconds per stage, from its cells
+    times = json.loads((out / "grid.json").read_text())
+    assert set(times["rows"]) == {"fp", "minmax-w4a4", "mixqsam2-propagated-avg4"} and times["wall_s"] > 0
+    learned = times["rows"]["mixqsam2-propagated-avg4"]
+    assert learned["iters"] == 2 and min(learned[f"{s}_s"] for s in ("calibrate", "steps", "evaluate")) > 0
+    assert times["rows"]["minmax-w4a4"]["steps_s"] == 0 and times["rows"]["fp"]["calibrate_s"] == 0
     caplog.clear()
     with caplog.at_level("INFO", logger="mqsam2"):
         assert main(["--config", str(config)]) == 0
@@ -174,3 +184,43 @@ rows:
         assert main(["--config", str(config)]) == 0
     assert "row minmax-w4a4 failed: RuntimeError: kernel missing" in caplog.text
     assert (out / "cells" / "fp__fifo.json").exists()
+
+
+@pytest.mark.slow
+def test_a_row_made_from_the_grids_shared_artifacts_equals_the_row_made_alone(tmp_path):
+    """The grid measures importance and tracks the float masks once for all rows; a row made from them must be
+    the row `quantize_sam2` makes with nothing shared (its own importance pass), scored the same."""
+    row = Row("mixqsam2", 4)
+    config = CompareConfig(
+        name="toy",
+        out_root=str(tmp_path / "out"),
+        model=ModelConfig(size="t", image_size=64),
+        data=DataConfig(
+            root=str(tmp_path / "data"),
+            synth_videos=2,
+            synth_frames=3,
+            synth_size=64,
+            synth_images=0,
+            calib_videos=1,
+            calib_frames=3,
+            calib_images=0,
+            val_videos=2,
+            val_frames=3,
+            val_images=0,
+        ),
+        quant=QuantConfig(observer_sample_size=4096),
+        reconstruction=ReconstructionConfig(iters=2, accelerator="cpu", units=["obj_ptr_proj"]),
+        memory=["fifo"],
+        images=False,
+        rows=[Row("fp"), row],
+    )
+    grid = Grid(config)
+    grid.run()
+    cell = json.loads((grid.dir / "cells" / f"{row.name}__fifo.json").read_text())
+    alone = api.quantize_sam2(grid.float_model, grid.data.calibration, grid.recipe(row), tmp_path / "alone")
+    _, shared_allocation, _ = grid.model(row)
+    assert alone.allocation.plan == shared_allocation.plan
+    clips = grid.data.val_videos
+    float_masks = track_all(grid.float_model, clips, grid.prompts)
+    scores = score_clips(track_all(alone.model, clips, grid.prompts), float_masks, clips, grid.prompts)
+    assert aggregate(scores)["fidelity/J&F"] == pytest.approx(cell["fidelity/J&F"], abs=1e-12)

@@ -418,9 +418,14 @@ class Grid:
             )
         log.info("  %s: quantized in %.1f s (%s)", row.name, time.perf_counter() - start, summary(times))
         if get_method(row.method).act_observer != "dynamic":
-            from mqsam2.quant.swap import quantized_layers
+            from mqsam2.quant.swap import quantizable_layers, quantized_layers
 
-            kept = sorted(set(result.allocation.plan) - set(quantized_layers(result.model)))
+            # layers back in floating point (calibration never reached them), named among all that
+            # `quantize` swaps, whether the plan names them or not
+            swapped = quantizable_layers(
+                self.float_model, api.quant_config(recipe, result.allocation).keep_fp
+            )
+            kept = sorted(set(swapped) - set(quantized_layers(result.model)))
             saved = {"key": key, "state": result.model.state_dict(), "float_layers": kept}
             saved |= {"allocation": dataclasses.asdict(result.allocation), "times": dataclasses.asdict(times)}
             save_torch(saved, state_path)
