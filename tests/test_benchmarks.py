@@ -94,6 +94,25 @@ def test_benchmark_runs_at_toy_size(script, args, expect, tmp_path):
     assert expect in _run(script, *args, tmp_path=tmp_path)
 
 
+@pytest.mark.slow  # two small compare grids (float + QDrop row), one per engine variant
+def test_grid_benchmark_prints_the_old_and_new_engine_side_by_side(tmp_path):
+    out = _run(
+        "grid.py",
+        "--variants",
+        "new,old",
+        "--observer-sample-size",
+        "4096",
+        "--out",
+        "bench",
+        tmp_path=tmp_path,
+    )
+    rows = [
+        line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ") and "variant" not in line
+    ]
+    assert rows[-2:] == ["| new", "| old"]
+    assert (tmp_path / "bench" / "bench.json").exists()
+
+
 @pytest.mark.slow  # two SAM2 graphs through torch.export (the quantized exports: tests/test_deploy_onnx.py)
 def test_edge_benchmark_runs_at_toy_size(tmp_path):
     args = ["--image-sizes", "128", "--variants", "fp32", "--repeats", "1", "--calib-images", "1"]

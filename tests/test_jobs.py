@@ -1,0 +1,51 @@
+"""Every GPU job script runs its CPU dry-run mode at toy size: the GPU call then runs code that passed here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+GENERATOR = ROOT.parent / "shared" / "data" / "regime_clips.py"  # the trained model's clip generator
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GENERATOR.exists(), reason="needs ../shared/data/regime_clips.py")
+def test_grid_call_dry_run_makes_regime_shards_and_a_finished_grid(tmp_path):
+    rows = "[{method: fp}, {method: dynamic, bits: 4}, {method: mixqsam2-propagated, bits: 4}]"
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path / "out"),
+        "WORK": str(tmp_path / "work"),
+        "PY": sys.executable,
+        "OMP_NUM_THREADS": "1",
+    }
+    done = subprocess.run(
+        [
+            "bash",
+            "jobs/grid_call.sh",
+            "dry",
+            str(GENERATOR),
+            "--rows",
+            rows,
+            "--quant.observer_sample_size",
+            "4096",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    grid = tmp_path / "out" / "grid"
+    times = json.loads((grid / "grid.json").read_text())
+    assert list(times["rows"]) == ["fp", "dynamic-w4a4", "mixqsam2-propagated-avg4"]
+    assert times["rows"]["mixqsam2-propagated-avg4"]["iters"] == 2
+    cell = json.loads((grid / "cells" / "dynamic-w4a4__fifo.json").read_text())
+    assert cell["tracks"] >= 3 and len(cell["clips"]) == 3  # the three regime clips, every object scored
