@@ -40,10 +40,19 @@ def starting_late(clip, frames: int):
     return dataclasses.replace(clip, masks=masks)
 
 
+def entering_late(clip, row: int, frames: int):
+    """The clip with one object hidden on its first `frames` frames: tracked from the clip's start with only
+    its future prompt frame in memory (no object pointer yet), as sam2 does."""
+    masks = clip.masks.clone()
+    masks[row, :frames] = False
+    return dataclasses.replace(clip, masks=masks)
+
+
 def clips_of_mixed_layouts():
-    """Clips of two lengths, one to three objects, one clip whose tracking starts at frame 2 and one of another
-    video size: several batch groups, and groups spanning clips."""
+    """Clips of two lengths, one to three objects, one clip whose tracking starts at frame 2, one whose second
+    object enters at frame 3 and one of another video size: several batch groups, and groups spanning clips."""
     return [
+        entering_late(make_clip("e", num_frames=6, num_objects=2, seed=4), 1, 3),
         make_clip("a", num_frames=6, num_objects=3, seed=0),
         starting_late(make_clip("b", num_frames=6, num_objects=2, seed=1), 2),
         make_clip("c", num_frames=6, num_objects=1, seed=2, orig_size=(40, 56)),

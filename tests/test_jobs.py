@@ -17,7 +17,8 @@ GENERATOR = ROOT.parent / "shared" / "data" / "regime_clips.py"  # the trained m
 @pytest.mark.slow
 @pytest.mark.skipif(not GENERATOR.exists(), reason="needs ../shared/data/regime_clips.py")
 def test_grid_call_dry_run_makes_regime_shards_and_a_finished_grid(tmp_path):
-    rows = "[{method: fp}, {method: dynamic, bits: 4}, {method: mixqsam2-propagated, bits: 4}]"
+    # the config's baseline (qdrop-w4a4) at round to nearest, and one learning row
+    rows = "[{method: fp}, {method: qdrop, bits: 4, iters: 0}, {method: mixqsam2-propagated, bits: 4}]"
     env = {
         **os.environ,
         "OUT": str(tmp_path / "out"),
@@ -45,7 +46,7 @@ def test_grid_call_dry_run_makes_regime_shards_and_a_finished_grid(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     grid = tmp_path / "out" / "grid"
     times = json.loads((grid / "grid.json").read_text())
-    assert list(times["rows"]) == ["fp", "dynamic-w4a4", "mixqsam2-propagated-avg4"]
+    assert list(times["rows"]) == ["fp", "qdrop-w4a4", "mixqsam2-propagated-avg4"]
     assert times["rows"]["mixqsam2-propagated-avg4"]["iters"] == 2
-    cell = json.loads((grid / "cells" / "dynamic-w4a4__fifo.json").read_text())
+    cell = json.loads((grid / "cells" / "qdrop-w4a4__fifo.json").read_text())
     assert cell["tracks"] >= 3 and len(cell["clips"]) == 3  # the three regime clips, every object scored

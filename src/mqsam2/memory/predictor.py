@@ -51,8 +51,22 @@ def _innermost_point(mask: torch.Tensor) -> torch.Tensor:
     return torch.tensor([x, y])
 
 
+def _memory_in_query_dtype(_module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """sam2 stores memory features in bf16 and relies on autocast: on a frame before an object's prompt frame
+    no object pointer (float32) joins the memory, which then reaches memory attention in bf16. Cast it to the
+    queries' dtype (exact for bf16 -> float32), as the float32 pointers do on every other frame."""
+    curr, memory = kwargs.get("curr"), kwargs.get("memory")
+    if isinstance(memory, torch.Tensor) and isinstance(curr, list | tuple) and memory.dtype != curr[0].dtype:
+        kwargs = {**kwargs, "memory": memory.to(curr[0].dtype)}
+    return args, kwargs
+
+
 class VideoPredictor(SAM2VideoPredictor):
     """Stock SAM2VideoPredictor plus an init from in-memory frames; memory policies subclass it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.memory_attention.register_forward_pre_hook(_memory_in_query_dtype, with_kwargs=True)
 
     @torch.inference_mode()
     def init_state_from_frames(
