@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -159,3 +160,23 @@ def test_recorded_unit_calls_split_per_object_with_their_positions(model, monkey
             best = min(range(len(distances)), key=distances.__getitem__)
             assert distances[best] < 1e-3, f"{name}: a batched call has no one-object counterpart"
             unmatched.pop(best)
+
+
+def test_a_lazy_clip_set_is_decoded_once_per_clip(model):
+    """A validation set decodes a clip on every access (`LazySamples`); tracking 16 frames must not decode it 16
+    times (on the GPU that turned a 10-second evaluation into five minutes)."""
+    clips = clips_of_mixed_layouts()
+    reads = []
+
+    class Lazy(Sequence):
+        def __len__(self):
+            return len(clips)
+
+        def __getitem__(self, index):
+            if index >= len(clips):
+                raise IndexError(index)
+            reads.append(index)
+            return clips[index]
+
+    track_clips(model, Lazy(), [clip_prompts(clip) for clip in clips])
+    assert sorted(reads) == list(range(len(clips)))

@@ -225,6 +225,7 @@ def track_clips(
     name the clips in the recorded positions (default: their index in `clips`).
     """
     clip_ids = list(range(len(clips))) if clip_ids is None else list(clip_ids)
+    clips = list(clips)  # a lazy validation set decodes a clip per access: once each, not once per frame
     if any(isinstance(m, ActQuantizer) and m.dynamic for m in model.modules()):
         encoder_batch = 1  # the image encoder merges frames and windows in dim 0: one frame per call, as sam2
     device = model.device
