@@ -139,7 +139,7 @@ def workload(tmp_path_factory):
 
 def test_recorded_video_calls_know_their_frame(workload):
     """Memory attention runs on every frame after the prompt frame, the memory encoder on the prompt frame
-    too; the image passes after the clips have no position."""
+    too, each call once per (clip, frame); the image passes after the clips have no position."""
     model = build_sam2("t", image_size=256)
     with (
         record_calls(model.memory_attention.layers[0]) as attention,
@@ -154,7 +154,8 @@ def test_recorded_video_calls_know_their_frame(workload):
             for clip, start in enumerate(prompt_frames)
             for t in range(start + first, len(workload.videos[clip].frames))
         ]
-        assert [call.position for call in calls] == expected
+        # clips of equal length track in one batch, so their calls interleave frame by frame
+        assert sorted(call.position for call in calls) == expected
     images = len(workload.images)
     assert all(call.position is None for call in neck[-images:])
     assert all(call.position is not None for call in neck[:-images])

@@ -204,7 +204,9 @@ def test_log2_quantizer_follows_its_formula(bits, tau):
     out = quantizer(probs)
     expected = _reference_log2(probs.numpy(), scale, tau, bits)
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-12, atol=0)
-    assert len(torch.unique(out)) <= 2**bits  # b bits hold the zero and 2^b - 1 powers
+    # b bits hold the zero and 2^b - 1 powers (counted on the codes: the CPU's vector and scalar exp2 may
+    # differ in the last bit for one power)
+    assert len(torch.unique(quantizer.codes(probs))) <= 2**bits
     single = probs.float()
     assert torch.equal(quantizer.dequantize(quantizer.codes(single)), quantizer(single))
 
