@@ -25,11 +25,11 @@ from mqsam2.allocation import (
     AllocationError,
     allocate,
     objective,
-    plot_allocation,
     solve_greedy,
     solve_ilp,
     write_plan,
 )
+from mqsam2.allocation_figures import plot_allocation
 from mqsam2.importance import ImportanceCollector, LayerImportance, write_importance
 
 CONFIGS = {

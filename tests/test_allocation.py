@@ -8,6 +8,7 @@ import random
 
 import pulp
 import pytest
+from PIL import Image
 
 import mqsam2.allocation as allocation
 from mqsam2.allocation import (
@@ -15,13 +16,13 @@ from mqsam2.allocation import (
     SolverError,
     allocate,
     module_family,
-    plot_allocation,
     read_plan,
     solve_greedy,
     solve_ilp,
     solve_uniform,
     write_plan,
 )
+from mqsam2.allocation_figures import plot_allocation, plot_sensitivity
 from mqsam2.importance import LayerImportance
 
 # Evenly spaced sets get the ILP's symmetry-breaking pairs, the uneven ones do not.
@@ -212,6 +213,22 @@ def test_plot_allocation_writes_a_png(tmp_path):
     names = ["image_encoder.trunk.a", "image_encoder.trunk.b", "memory_attention.c", "obj_ptr_proj.layers.0"]
     path = plot_allocation(names, [5, 4, 3, 4], [2.0, 1.0, 0.1, 0.0], tmp_path / "allocation.png", title="t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sensitivity_picture_has_an_error_panel_only_where_errors_were_measured(tmp_path):
+    names = ["image_encoder.trunk.a", "image_encoder.trunk.b", "memory_attention.c", "obj_ptr_proj.layers.0"]
+    errors = {str(b): 2.0**-b for b in (3, 4, 5)}
+    plain = {n: LayerImportance(1.0 + i, 100 * (i + 1), 50) for i, n in enumerate(names)}
+    measured = {
+        n: layer._replace(weight_errors=errors, act_errors=errors, gain=0.5) for n, layer in plain.items()
+    }
+    heights = []
+    for importance, error in ((plain, "pow2"), (measured, "propagated")):
+        solved = allocate(importance, target_avg=4, candidates=[3, 4, 5], error=error, activations="separate")
+        path = plot_sensitivity(solved, importance, tmp_path / f"{error}.png")
+        with Image.open(path) as image:
+            heights.append(image.size[1])
+    assert heights[1] > heights[0]
 
 
 def brute_force_table(costs, candidates, budgets):

@@ -17,6 +17,7 @@ from mqsam2.compare import (
     Grid,
     Row,
     aggregate,
+    format_report,
     main,
     pack_masks,
     paired_bootstrap,
@@ -80,6 +81,31 @@ def test_rows_need_distinct_names_and_a_known_baseline():
         CompareConfig(rows=[Row("minmax", 4)], baseline="qdrop-w4a4")
     assert Row("mixqsam2", 4).name == "mixqsam2-avg4" and Row("fp").name == "fp"
     assert Row("qsam2", 2, act_bits=4).name == "qsam2-w2a4" and Row("qsam2", 4).name == "qsam2-w4a4"
+
+
+def test_the_table_marks_rows_that_spend_more_bits_than_the_baseline_on_either_axis():
+    """The uniform baseline has 4.00/4.00 bits; a mixed row at 4.00/4.53 (the paper's shared-width reading) and
+    the float row are marked as unequal budgets, a row at 3.99/4.00 is not; the size column shows the MB."""
+    clips = [dataclasses.asdict(ClipScore(f"c{i}", 1, 0.5, 0.5, 1, 0.9 - 0.1 * i, 0.9)) for i in range(3)]
+
+    def result(w, a):
+        cell = {"fidelity/J&F": 0.85, "clips": clips, "weights_mb": 12.34}
+        if w is not None:
+            cell |= {"weight_avg_bits": w, "act_avg_bits": a}
+        return {"cells": {"fifo": cell}}
+
+    results = {
+        "fp": result(None, None),
+        "uniform": result(4.0, 4.0),
+        "shared": result(4.0, 4.53),
+        "separate": result(3.99, 4.0),
+    }
+    config = CompareConfig(rows=[Row("fp")], memory=["fifo"])
+    config.baseline = "uniform"
+    lines = {line.split(" | ")[0][2:]: line for line in format_report(results, config).splitlines()[2:6]}
+    assert [row for row, line in lines.items() if "†" in line] == ["fp", "shared"]
+    assert "| 12.3 |" in lines["separate"]
+    assert format_report(results, config).endswith("not an equal-budget comparison.")
 
 
 def test_stored_results_are_keyed_by_changed_settings_only():

@@ -18,6 +18,7 @@ from mqsam2.quant import (
     calibration,
     fake_quantizers,
     quantize,
+    weight_megabytes,
 )
 from mqsam2.quant.checkpoint import load_quantized, save_quantized
 
@@ -141,3 +142,15 @@ def test_quantizers_are_created_on_the_layers_device():
     model = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(2, 2, 1)).to("meta")
     quantize(model, QuantConfig(bits=4, keep_fp=()))
     assert all(q.scale.device.type == "meta" for q in fake_quantizers(model).values())
+
+
+def test_weight_megabytes_counts_codes_channel_parameters_and_float_rest():
+    """Counted by hand: a 3-bit 16x8 weight (48 bytes of codes, 16 channels x 4 bytes of fp16 scale and zero),
+    a 5-bit 4x16 conv weight, and every bias plus the float layer's weight at 2 bytes. Learned quantizer
+    parameters (LSQ steps, AdaRound variables) are not part of the stored model."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Conv2d(16, 4, 1), nn.Flatten(), nn.Linear(4, 2))
+    assert weight_megabytes(model) == pytest.approx((8 * 16 + 16 + 16 * 4 + 4 + 4 * 2 + 2) * 2 / 1e6)
+    quantize(model, QuantConfig(bits=5, plan={"0": 3}, keep_fp=("4",)))
+    model[0].weight_quantizer.alpha = nn.Parameter(torch.zeros(16, 8))
+    expected = (16 * 8 * 3 / 8 + 16 * 4) + (4 * 16 * 5 / 8 + 4 * 4) + (16 + 4 + 4 * 2 + 2) * 2
+    assert weight_megabytes(model) == pytest.approx(expected / 1e6)

@@ -20,11 +20,9 @@ from fractions import Fraction
 from pathlib import Path
 
 import pulp
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 
 from mqsam2.errors import MQSAM2Error
-from mqsam2.files import atomic_output, write_text
+from mqsam2.files import write_text
 from mqsam2.importance import LayerImportance
 
 ErrorModel = Callable[[int], float]
@@ -540,40 +538,3 @@ def read_act_plan(path: str | Path) -> dict[str, int]:
 def module_family(name: str) -> str:
     """The SAM2 module family of a layer name, as grouped in the allocation chart."""
     return next((family for family in FAMILIES if name.startswith(family + ".")), OTHER_FAMILY)
-
-
-def plot_allocation(
-    names: Sequence[str],
-    bits: Sequence[int],
-    scores: Sequence[float],
-    path: str | Path,
-    title: str | None = None,
-) -> Path:
-    """Figure-3-style chart: bit-width per layer in the given (network) order, coloured by module family,
-    with the importance scores on a log axis on top; written as a PNG without pyplot's global state."""
-    families = [module_family(name) for name in names]
-    colours = {family: f"C{i}" for i, family in enumerate(dict.fromkeys(families))}
-    positions = range(len(names))
-    figure = Figure(figsize=(max(8.0, 0.05 * len(names)), 4.0), layout="constrained")
-    axes = figure.add_subplot()
-    axes.bar(
-        positions, bits, width=1.0, color=[colours[family] for family in families], edgecolor="white", lw=0.2
-    )
-    for position in positions[1:]:
-        if families[position] != families[position - 1]:
-            axes.axvline(position - 0.5, color="black", lw=0.6)
-    axes.set(
-        xlim=(-0.5, len(names) - 0.5), ylim=(max(min(bits) - 1, 0), max(bits) + 0.5), yticks=sorted(set(bits))
-    )
-    axes.set(xlabel="layer (network order)", ylabel="bit-width", title=title)
-    importance_axes = axes.twinx()
-    (marks,) = importance_axes.plot(positions, scores, "k.", ms=3, label="importance $S_l$")
-    if min(scores) > 0:
-        importance_axes.set_yscale("log")
-    importance_axes.set_ylabel("importance $S_l$")
-    handles = [Patch(color=colour, label=family) for family, colour in colours.items()] + [marks]
-    figure.legend(handles=handles, loc="outside lower center", ncols=4, fontsize="small")
-    path = Path(path)
-    with atomic_output(path) as stream:
-        figure.savefig(stream, dpi=150, format="png")
-    return path

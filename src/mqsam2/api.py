@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mqsam2.allocation import MEASURED_ERRORS, Allocation, allocate
+from mqsam2.allocation import MEASURED_ERRORS, Allocation, allocate, write_plan
+from mqsam2.allocation_figures import plot_sensitivity
 from mqsam2.config import ReconstructionConfig
 from mqsam2.errors import MQSAM2Error
 from mqsam2.files import save_torch
@@ -232,10 +233,12 @@ def _stored_calibration(run: RunDir | None, recipe: Recipe) -> tuple[nn.Module, 
 
 def _allocate_and_calibrate(
     float_model: nn.Module, workload: Workload, recipe: Recipe, importance: dict[str, LayerImportance] | None
-) -> tuple[nn.Module, Allocation]:
+) -> tuple[nn.Module, Allocation, dict[str, LayerImportance] | None]:
+    """The calibrated model, its allocation and the importance the allocation read (None for a method with
+    its own allocator)."""
     method = recipe.resolved
     if method.allocator is not None:
-        allocation = method.allocator(float_model, workload, recipe)
+        allocation, importance = method.allocator(float_model, workload, recipe), None
     else:
         measured = recipe.candidate_widths() if method.error in MEASURED_ERRORS else None
         gains = GAIN_SAMPLES if method.error == "propagated" else None
@@ -244,7 +247,13 @@ def _allocate_and_calibrate(
             importance = measure_importance(float_model, workload, recipe.quant, measured, gains)
         allocation = allocate_bits(importance, recipe)
     model = quantize_calibrated(float_model, quant_config(recipe, allocation), workload, method)
-    return model, allocation
+    return model, allocation, importance
+
+
+def _write_allocation(run: RunDir, allocation: Allocation, importance: dict[str, LayerImportance]) -> None:
+    """A mixed row's plan.json and its sensitivity picture (why each layer got its width) in its folder."""
+    write_plan(allocation, run.plan)
+    plot_sensitivity(allocation, importance, run.sensitivity_figure)
 
 
 def quantize_sam2(
@@ -264,7 +273,9 @@ def quantize_sam2(
         model, allocation = stored
     else:
         with stage("calibrate"):
-            model, allocation = _allocate_and_calibrate(float_model, workload, recipe, importance)
+            model, allocation, importance = _allocate_and_calibrate(float_model, workload, recipe, importance)
+        if run is not None and method.mixed and importance is not None:
+            _write_allocation(run, allocation, importance)
         if run is not None:
             save_torch(
                 {"recipe": recipe_identity(recipe), "model": model, "allocation": allocation},

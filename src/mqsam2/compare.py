@@ -50,7 +50,7 @@ from mqsam2.memory.policies import using_memory_policy
 from mqsam2.methods import get_method
 from mqsam2.metrics.coco import mask_map
 from mqsam2.metrics.jandf import JandF
-from mqsam2.quant import quantize
+from mqsam2.quant import quantize, weight_megabytes
 from mqsam2.quant.swap import QuantConfig
 from mqsam2.stages import StageTimes, collecting, stage, summary, synchronize
 
@@ -508,7 +508,7 @@ class Grid:
         self.prepare()
         key = self.row_key(row)
         model, allocation, times = self.model(row)
-        info = self.row_info(row, allocation)
+        info = self.row_info(row, model, allocation)
         for policy, cell in cells.items():
             if cell is None:
                 cells[policy] = self.score_cell(row, model, policy, key, info, times)
@@ -528,9 +528,11 @@ class Grid:
             return f"{type(error).__name__}: {error}"
         return None
 
-    def row_info(self, row: Row, allocation: Allocation | None) -> dict:
+    def row_info(self, row: Row, model: torch.nn.Module, allocation: Allocation | None) -> dict:
+        """What a cell says about its row: method, budget on both axes, stored size, iterations."""
         method = get_method(row.method)
         info = {"row": row.name, "method": row.method, "bits": row.bits, "summary": method.summary}
+        info["weights_mb"] = round(weight_megabytes(model), 3)
         if allocation is not None:
             info |= {
                 "weight_avg_bits": allocation.average_bits,
@@ -640,6 +642,26 @@ def _worker_row(index: int) -> tuple[str, str | None]:
     return _worker_grid.config.rows[index].name, _worker_grid.try_row(index)
 
 
+# a row that spends more than this many bits above the baseline on either axis is not compared like for like
+_BUDGET_TOLERANCE = 0.005
+UNEQUAL_MARK = "†"
+UNEQUAL_NOTE = (
+    f"{UNEQUAL_MARK} the row spends more bits than the baseline on weights or activations: "
+    "not an equal-budget comparison."
+)
+
+
+def over_budget(cell: dict, base: dict) -> bool:
+    """Whether `cell`'s row has more average weight or activation bits than the baseline's (a float row,
+    without averages, is never compared at equal bits)."""
+    for axis in ("weight_avg_bits", "act_avg_bits"):
+        if cell.get(axis) is None or base.get(axis) is None:
+            return True
+        if cell[axis] > base[axis] + _BUDGET_TOLERANCE:
+            return True
+    return False
+
+
 def _difference_cell(results: dict, row: str, policy: str, config: CompareConfig) -> str:
     if config.baseline is None or row == config.baseline or config.baseline not in results:
         return "-"
@@ -651,7 +673,8 @@ def _difference_cell(results: dict, row: str, policy: str, config: CompareConfig
     diff, low, high = fidelity_difference(
         [ClipScore(**c) for c in cell["clips"]], [ClipScore(**c) for c in base["clips"]], config.bootstrap
     )
-    return f"{diff:+.3f} [{low:+.3f}, {high:+.3f}]"
+    mark = f" {UNEQUAL_MARK}" if over_budget(cell, base) else ""
+    return f"{diff:+.3f} [{low:+.3f}, {high:+.3f}]{mark}"
 
 
 def format_report(results: dict, config: CompareConfig) -> str:
@@ -662,6 +685,7 @@ def format_report(results: dict, config: CompareConfig) -> str:
         "memory",
         "W bits",
         "A bits",
+        "MB",
         "iters",
         "J",
         "F",
@@ -687,6 +711,7 @@ def format_report(results: dict, config: CompareConfig) -> str:
                         policy,
                         fmt(cell.get("weight_avg_bits"), ".2f"),
                         fmt(cell.get("act_avg_bits"), ".2f"),
+                        fmt(cell.get("weights_mb"), ".1f"),
                         str(cell.get("iters", "-")),
                         fmt(cell.get("J")),
                         fmt(cell.get("F")),
@@ -699,6 +724,8 @@ def format_report(results: dict, config: CompareConfig) -> str:
                 )
                 + " |"
             )
+    if any(UNEQUAL_MARK in line for line in lines[2:]):
+        lines += ["", UNEQUAL_NOTE]
     return "\n".join(lines)
 
 

@@ -17,7 +17,8 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, Logger
 
 from mqsam2 import api
-from mqsam2.allocation import allocate, plot_allocation, read_plan, write_plan
+from mqsam2.allocation import allocate, read_plan, write_plan
+from mqsam2.allocation_figures import plot_allocation, plot_sensitivity
 from mqsam2.callbacks import OverlayCallback
 from mqsam2.config import FitConfig
 from mqsam2.data import calibration_set, ensure_synth, validation_set
@@ -184,8 +185,9 @@ def stage_allocation(
             run.allocation_figure,
             title=f"{config.name}: {cfg.method}, target {cfg.target_avg} bits",
         )
+        plot_sensitivity(allocation, importance, run.sensitivity_figure)
         write_plan(allocation, path)
-        log_images(loggers, "allocation", [run.allocation_figure])
+        log_images(loggers, "allocation", [run.allocation_figure, run.sensitivity_figure])
     log.info(
         "allocation: %s -> %.3f average bits (objective %.4g, %.2f s), layers per width %s",
         cfg.method,

@@ -6,6 +6,7 @@ run's model. Every write goes through `mqsam2.files`, so each artifact is whole 
 
     config.yaml        the config, written once it has been validated
     importance.json    Eq. 2-4 per layer                      plan.json, allocation.png   Eq. 6
+                                                              sensitivity.png             why each width
     calibrated.pt      every tensor of the calibrated model   metrics.json, eval/         evaluation
     units/<unit>/<phase>.pt    a unit's state once that phase finished (the phase's completion mark)
     units/<unit>/<phase>.json  its record, written before the state; units.jsonl is derived from them
@@ -78,6 +79,11 @@ class RunDir:
     @property
     def allocation_figure(self) -> Path:
         return self.path / "allocation.png"
+
+    @property
+    def sensitivity_figure(self) -> Path:
+        """Bits per layer against the layer's cost weight and measured error (`plot_sensitivity`)."""
+        return self.path / "sensitivity.png"
 
     @property
     def calibrated(self) -> Path:

@@ -15,6 +15,7 @@ from mqsam2.quant.swap import (
     quantize,
     quantized_layers,
     set_quantization,
+    weight_megabytes,
 )
 
 __all__ = [
@@ -43,4 +44,5 @@ __all__ = [
     "quantize_affine",
     "quantized_layers",
     "set_quantization",
+    "weight_megabytes",
 ]

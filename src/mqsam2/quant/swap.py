@@ -160,6 +160,22 @@ def bit_plan(model: nn.Module) -> dict[str, int]:
     return {name: layer.bits for name, layer in quantized_layers(model).items()}
 
 
+# bytes of what a layer's integer weight codes need besides the codes: an fp16 scale and zero per channel
+_CHANNEL_BYTES = 4
+
+
+def weight_megabytes(model: nn.Module, float_bytes: int = 2) -> float:
+    """The model's weights as stored (MB, 10^6 bytes): each quantized layer's weight at its bit-width plus an
+    fp16 scale and zero per output channel, every other parameter (biases, float layers) at `float_bytes`
+    (fp16 by default, as the checkpoints ship). Equal-budget comparisons need the size, not only the averages."""
+    quantizer_params = {id(p) for q in fake_quantizers(model).values() for p in q.parameters()}
+    total = sum(p.numel() for p in model.parameters() if id(p) not in quantizer_params) * float_bytes
+    for layer in quantized_layers(model).values():
+        weight = layer.weight
+        total += weight.numel() * (layer.bits / 8 - float_bytes) + weight.shape[0] * _CHANNEL_BYTES
+    return total / 1e6
+
+
 @torch.no_grad()
 def init_weight_quantizers(model: nn.Module, config: QuantConfig) -> None:
     """Data-free: each weight quantizer observes its own weight once."""
