@@ -23,6 +23,7 @@ from mqsam2.compare import (
     paired_bootstrap,
     parse_config,
     score_clips,
+    units_made_worse,
     unpack_masks,
 )
 from mqsam2.config import DataConfig, ModelConfig, ReconstructionConfig, changed_identity
@@ -30,6 +31,7 @@ from mqsam2.errors import MQSAM2Error
 from mqsam2.evaluate import track_all
 from mqsam2.methods import get_method
 from mqsam2.quant.swap import QuantConfig
+from mqsam2.rundir import RunDir
 
 
 def exact_bootstrap_distribution(num, den):
@@ -106,6 +108,22 @@ def test_the_table_marks_rows_that_spend_more_bits_than_the_baseline_on_either_a
     assert [row for row, line in lines.items() if "†" in line] == ["fp", "shared"]
     assert "| 12.3 |" in lines["separate"]
     assert format_report(results, config).endswith("not an equal-budget comparison.")
+
+
+def test_units_made_worse_by_reconstruction_are_listed_worst_first(tmp_path):
+    """Three finished units: one improved, one 1.5x worse, one 3x worse; a unit without a finished state is
+    not counted."""
+    run = RunDir(tmp_path)
+    errors = {"a": (2.0, 1.0), "b": (1.0, 1.5), "c": (0.5, 1.5), "d": (1.0, 9.0)}
+    for unit, (before, after) in errors.items():
+        run.write_record(
+            unit, "qdrop", {"unit": unit, "phase": "qdrop", "error_before": before, "error_after": after}
+        )
+        if unit != "d":
+            torch.save({}, run.phase_state(unit, "qdrop"))
+    run.write_unit_log([(u, "qdrop") for u in errors])
+    assert [(w["unit"], w["after"] / w["before"]) for w in units_made_worse(run)] == [("c", 3.0), ("b", 1.5)]
+    assert units_made_worse(RunDir(tmp_path / "none")) == []
 
 
 def test_stored_results_are_keyed_by_changed_settings_only():
@@ -193,7 +211,8 @@ rows:
         assert main(["--config", str(config), "--report_only", "true"]) == 0
     assert "minmax-w4a4: not run yet" in caplog.text
     assert not (out / "cells" / "minmax-w4a4__fifo.json").exists()
-    rows = [line.split(" | ")[0] for line in (out / "table.md").read_text().splitlines()[2:]]
+    table = (out / "table.md").read_text().splitlines()[2:]
+    rows = [line.split(" | ")[0] for line in table if line.startswith("|")]
     assert rows == ["| fp", "| mixqsam2-propagated-avg4"]
     # A row that breaks is reported with its error, and the rows after it still run
     broken = Grid.model

@@ -52,6 +52,7 @@ from mqsam2.metrics.coco import mask_map
 from mqsam2.metrics.jandf import JandF
 from mqsam2.quant import quantize, weight_megabytes
 from mqsam2.quant.swap import QuantConfig
+from mqsam2.rundir import RunDir
 from mqsam2.stages import StageTimes, collecting, stage, summary, synchronize
 
 log = logging.getLogger("mqsam2")
@@ -382,6 +383,10 @@ class Grid:
             act_bits=row.act_bits,
         )
 
+    def row_dir(self, row: Row) -> Path:
+        """The row's run folder, named by its settings' key, so changed settings start afresh."""
+        return self.dir / "rows" / f"{row.name}-{self.row_key(row)}"
+
     def model(self, row: Row) -> tuple[torch.nn.Module, Allocation | None, StageTimes]:
         """The row's model: the float one, a saved quantized one, or quantized now (and saved), with the seconds
         its making took per stage (kept with a saved model, so a resumed grid still reports them)."""
@@ -413,7 +418,7 @@ class Grid:
                 self.float_model,
                 self.data.calibration,
                 recipe,
-                self.dir / "rows" / f"{row.name}-{key}",  # changed settings start afresh
+                self.row_dir(row),  # changed settings start afresh
                 self.shared_importance(),
             )
         log.info("  %s: quantized in %.1f s (%s)", row.name, time.perf_counter() - start, summary(times))
@@ -533,6 +538,15 @@ class Grid:
         method = get_method(row.method)
         info = {"row": row.name, "method": row.method, "bits": row.bits, "summary": method.summary}
         info["weights_mb"] = round(weight_megabytes(model), 3)
+        worse = units_made_worse(RunDir(self.row_dir(row)))
+        if worse:
+            log.warning(
+                "  %s: reconstruction left %d unit(s) with a larger output error than round to nearest: %s",
+                row.name,
+                len(worse),
+                ", ".join(f"{w['unit']} ({w['before']:.3g} -> {w['after']:.3g})" for w in worse),
+            )
+        info["units_worse"] = worse
         if allocation is not None:
             info |= {
                 "weight_avg_bits": allocation.average_bits,
@@ -598,6 +612,17 @@ class Grid:
         )
         plot_report(results, self.config, self.dir / "table.png")
         return table
+
+
+def units_made_worse(run: RunDir) -> list[dict]:
+    """The units whose reconstruction ended with a larger output error than their round-to-nearest start (the
+    row's units.jsonl), worst first: where a row's learning failed, e.g. a layer given too few bits."""
+    worse = [
+        {"unit": r["unit"], "phase": r["phase"], "before": r["error_before"], "after": r["error_after"]}
+        for r in run.unit_records()
+        if r.get("error_after") is not None and r["error_after"] > r["error_before"]
+    ]
+    return sorted(worse, key=lambda w: w["before"] / w["after"] if w["after"] else 0.0)
 
 
 def grid_times(results: dict, wall_s: float) -> dict:
@@ -687,6 +712,7 @@ def format_report(results: dict, config: CompareConfig) -> str:
         "A bits",
         "MB",
         "iters",
+        "units worse",
         "J",
         "F",
         "J&F",
@@ -713,6 +739,7 @@ def format_report(results: dict, config: CompareConfig) -> str:
                         fmt(cell.get("act_avg_bits"), ".2f"),
                         fmt(cell.get("weights_mb"), ".1f"),
                         str(cell.get("iters", "-")),
+                        str(len(cell["units_worse"])) if "units_worse" in cell else "-",
                         fmt(cell.get("J")),
                         fmt(cell.get("F")),
                         fmt(cell.get("J&F")),
