@@ -9,6 +9,8 @@
 #   bash jobs/grid_call.sh grid [SECONDS]         # GPU call 2: model half B, the grid for SECONDS (540), report
 #   bash jobs/grid_call.sh bench [ARGS]           # GPU call 3: benchmarks/grid.py (old vs new engine, fp32 vs bf16)
 #
+# CONFIG picks the grid (default configs/compare/sam21t_512_regime.yaml; sam21t_512_mixed.yaml is issue 24's).
+#
 # GENERATOR is the path of regime_clips.py (on the device: carried in .carry/tools/). The model halves and the
 # wheels come from ../shared/device/carry-model.sh and stage-wheels.sh (carry .carry/model_a + .whl, then
 # .carry/model_b).
@@ -34,8 +36,21 @@ clips() {  # GENERATOR VAL_COUNT VAL_FRAMES CALIB_COUNT CALIB_FRAMES SIZE
     done
 }
 
-grid_args=(--config configs/compare/sam21t_512_regime.yaml --out_root "$WORK/cmp"
+CONFIG=${CONFIG:-configs/compare/sam21t_512_regime.yaml}
+grid_args=(--config "$CONFIG" --out_root "$WORK/cmp"
            --data.video_shards "[$WORK/shards/calib]" --data.val_video_shards "[$WORK/shards/val]")
+
+collect() {  # the grid's results into $OUT/grid: cells, table, grid.json; per row its units and mixed plan
+    local dir
+    dir="$WORK/cmp/$(basename "$CONFIG" .yaml)"
+    mkdir -p "$OUT/grid"
+    (cd "$dir" && cp -r cells table.md table.png per_clip.json grid.json config.json importance.json \
+        "$OUT/grid/" 2>/dev/null)
+    for file in units.jsonl plan.json sensitivity.png; do
+        find "$dir/rows" -name "$file" -exec sh -c \
+            'mkdir -p "$2/rows" && cp "$1" "$2/rows/$(basename "$(dirname "$1")")_$3"' _ {} "$OUT/grid" "$file" \;
+    done
+}
 
 case $mode in
 dry)
@@ -47,7 +62,7 @@ dry)
         --reconstruction.iters 2 --reconstruction.accelerator cpu --gain_samples '[1, 2, 0]' "${@:2}" 2>&1 \
         | tee -a "$log"
     status=${PIPESTATUS[0]}
-    cp -r "$WORK/cmp/sam21t_512_regime" "$OUT/grid" 2>/dev/null
+    collect
     exit "$status"
     ;;
 data)
@@ -70,11 +85,7 @@ grid)
     echo "grid call: $(( $(date +%s) - start )) s" | tee -a "$log"
     timeout -k 5 60 "$PY" -m mqsam2.compare "${grid_args[@]}" --model.checkpoint /tmp/m/sam21t_512_synth.pt \
         --report_only true 2>&1 | tail -n 40 | tee -a "$log"
-    mkdir -p "$OUT/grid"
-    (cd "$WORK/cmp/sam21t_512_regime" && cp -r cells table.md table.png per_clip.json grid.json config.json \
-        importance.json "$OUT/grid/" 2>/dev/null)
-    find "$WORK/cmp/sam21t_512_regime/rows" -name units.jsonl -exec sh -c \
-        'mkdir -p "$2/units" && cp "$1" "$2/units/$(basename "$(dirname "$1")").jsonl"' _ {} "$OUT/grid" \;
+    collect
     ;;
 bench)
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$log"

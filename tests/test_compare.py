@@ -110,6 +110,32 @@ def test_the_table_marks_rows_that_spend_more_bits_than_the_baseline_on_either_a
     assert format_report(results, config).endswith("not an equal-budget comparison.")
 
 
+def test_a_row_with_its_own_baseline_is_compared_with_that_row():
+    """The grid's baseline is uniform QDrop; a round-to-nearest mixed row names the uniform observer row as its
+    own: its difference is to that row (identical clips: exactly zero), and the cell says so."""
+
+    def result(fidelity):
+        clips = [
+            dataclasses.asdict(ClipScore(f"c{i}", 1, 0.5, 0.5, 1, fidelity + 0.01 * i, fidelity))
+            for i in range(3)
+        ]
+        cell = {"fidelity/J&F": fidelity, "clips": clips, "weight_avg_bits": 4.0, "act_avg_bits": 4.0}
+        return {"cells": {"fifo": cell}}
+
+    rows = [
+        Row("qdrop", 4, label="uniform"),
+        Row("omse", 4, label="rtn"),
+        Row("mixqsam2-propagated", 4, iters=0, label="mixed", baseline="rtn"),
+    ]
+    config = CompareConfig(rows=rows, memory=["fifo"], baseline="uniform")
+    results = {"uniform": result(0.9), "rtn": result(0.7), "mixed": result(0.7)}
+    lines = {line.split(" | ")[0][2:]: line for line in format_report(results, config).splitlines()[2:]}
+    assert "+0.000 [+0.000, +0.000] vs rtn" in lines["mixed"]
+    assert "-0.200" in lines["rtn"]
+    with pytest.raises(MQSAM2Error, match="baseline 'nope' is not a row"):
+        CompareConfig(rows=[Row("fp"), Row("omse", 4, baseline="nope")])
+
+
 def test_units_made_worse_by_reconstruction_are_listed_worst_first(tmp_path):
     """Three finished units: one improved, one 1.5x worse, one 3x worse; a unit without a finished state is
     not counted."""

@@ -50,3 +50,8 @@ def test_grid_call_dry_run_makes_regime_shards_and_a_finished_grid(tmp_path):
     assert times["rows"]["mixqsam2-propagated-avg4"]["iters"] == 2
     cell = json.loads((grid / "cells" / "qdrop-w4a4__fifo.json").read_text())
     assert cell["tracks"] >= 3 and len(cell["clips"]) == 3  # the three regime clips, every object scored
+    assert cell["weights_mb"] > 0 and "units_worse" in cell
+    # per row: the units' records; the mixed row also its plan and its sensitivity picture
+    collected = {path.name.rsplit("_", 1)[-1] for path in (grid / "rows").iterdir()}
+    assert collected == {"units.jsonl", "plan.json", "sensitivity.png"}
+    assert len(list((grid / "rows").glob("mixqsam2-propagated-avg4-*_sensitivity.png"))) == 1

@@ -63,7 +63,10 @@ class Row:
     """One method at one width: uniform WbAb (WbAa with `act_bits`), or Avg-b for mixed methods (candidates
     {b-1, b, b+1} unless given). `memory` and `iters` override the grid's policies and reconstruction
     iterations for this row; `iters: 0` stops a learning method after calibration (its round-to-nearest
-    ablation); `activations` overrides a mixed method's activation mode (shared, fixed or separate)."""
+    ablation); `activations` overrides a mixed method's activation mode (shared, fixed or separate);
+    `low_bit_iters` the reconstruction's extra iterations for units with narrower layers; `baseline` the
+    row this one's fidelity is compared with, instead of the grid's (e.g. round-to-nearest rows against the
+    best uniform observer, learned rows against uniform QDrop)."""
 
     method: str
     bits: float = 4
@@ -73,6 +76,8 @@ class Row:
     iters: int | None = None
     act_bits: int | None = None
     activations: str | None = None
+    low_bit_iters: float | None = None
+    baseline: str | None = None
 
     def __post_init__(self) -> None:
         if self.activations is not None:
@@ -139,8 +144,9 @@ class CompareConfig:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise MQSAM2Error(f"rows {', '.join(duplicates)} appear twice: give one of each a distinct label")
-        if self.baseline is not None and self.baseline not in names:
-            raise MQSAM2Error(f"baseline {self.baseline!r} is not a row: use one of {', '.join(names)}")
+        for baseline in {self.baseline, *(row.baseline for row in self.rows)} - {None}:
+            if baseline not in names:
+                raise MQSAM2Error(f"baseline {baseline!r} is not a row: use one of {', '.join(names)}")
 
 
 # ----------------------------------------------------------------------------------------------- scoring
@@ -257,7 +263,11 @@ class Grid:
         self.importance: dict[str, LayerImportance] | None = None
 
     def row_key(self, row: Row) -> str:
-        return _key({"row": asdict(row), "shared": self.shared})
+        """The row's settings that differ from a Row's defaults (an option added later at its default keeps
+        finished rows) and the grid's shared settings."""
+        defaults = {f.name: f.default for f in dataclasses.fields(Row)}
+        settings = {k: v for k, v in asdict(row).items() if k not in defaults or v != defaults[k]}
+        return _key({"row": settings, "shared": self.shared})
 
     def cell_path(self, row: Row, policy: str) -> Path:
         return self.dir / "cells" / f"{row.name}__{policy}.json"
@@ -369,6 +379,8 @@ class Grid:
         rec = self.config.reconstruction
         if row.iters:
             rec = dataclasses.replace(rec, iters=row.iters)
+        if row.low_bit_iters is not None:
+            rec = dataclasses.replace(rec, low_bit_iters=row.low_bit_iters)
         method = get_method(row.method)
         if row.activations:
             method = dataclasses.replace(method, activations=row.activations)
@@ -688,9 +700,11 @@ def over_budget(cell: dict, base: dict) -> bool:
 
 
 def _difference_cell(results: dict, row: str, policy: str, config: CompareConfig) -> str:
-    if config.baseline is None or row == config.baseline or config.baseline not in results:
+    own = next((r.baseline for r in config.rows if r.name == row and r.baseline), None)
+    baseline = own or config.baseline
+    if baseline is None or row == baseline or baseline not in results:
         return "-"
-    base_cells = results[config.baseline]["cells"]
+    base_cells = results[baseline]["cells"]
     base = base_cells.get(policy) or next(iter(base_cells.values()))
     cell = results[row]["cells"][policy]
     if "fidelity/J&F" not in cell or "fidelity/J&F" not in base:
@@ -699,7 +713,8 @@ def _difference_cell(results: dict, row: str, policy: str, config: CompareConfig
         [ClipScore(**c) for c in cell["clips"]], [ClipScore(**c) for c in base["clips"]], config.bootstrap
     )
     mark = f" {UNEQUAL_MARK}" if over_budget(cell, base) else ""
-    return f"{diff:+.3f} [{low:+.3f}, {high:+.3f}]{mark}"
+    versus = f" vs {own}" if own and own != config.baseline else ""
+    return f"{diff:+.3f} [{low:+.3f}, {high:+.3f}]{versus}{mark}"
 
 
 def format_report(results: dict, config: CompareConfig) -> str:

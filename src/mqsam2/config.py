@@ -120,6 +120,9 @@ class ReconstructionConfig:
     beta_end: float = 2.0
     warmup: float = 0.2
     drop_prob: float = 0.5
+    # A unit whose narrowest weight is k bits below the model's average width (rounded) learns for
+    # iters x (1 + low_bit_iters x k): a mixed allocation's 3-bit layers get the iterations they need
+    low_bit_iters: float = 0.0
     checkpoint_every: int = field(default=1000, metadata=RUNTIME)
     check_finite_every: int = field(default=100, metadata=RUNTIME)
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = field(default="auto", metadata=RUNTIME)
@@ -168,6 +171,8 @@ class ReconstructionConfig:
             raise MQSAM2Error(f"reconstruction.max_error_growth {self.max_error_growth:g} must be at least 1")
         if not 0.0 <= self.drop_prob < 1.0:
             raise MQSAM2Error(f"reconstruction.drop_prob {self.drop_prob} must lie in [0, 1)")
+        if not self.low_bit_iters >= 0.0:
+            raise MQSAM2Error(f"reconstruction.low_bit_iters {self.low_bit_iters:g} must be 0 or more")
         if self.video_loss not in VIDEO_LOSSES:
             raise MQSAM2Error(
                 f"reconstruction.video_loss {self.video_loss!r} is unknown: use one of {', '.join(VIDEO_LOSSES)}"

@@ -11,6 +11,7 @@ run, or with `on_blowup: keep_rtn` restores the unit's round-to-nearest state an
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -31,6 +32,7 @@ from mqsam2.distributed import rank_and_world, trainer_layout
 from mqsam2.errors import MQSAM2Error
 from mqsam2.files import load_torch, save_torch
 from mqsam2.quant.lsc import ClippingSession
+from mqsam2.quant.swap import quantized_layers
 from mqsam2.reconstruct.cache import UnitCache
 from mqsam2.reconstruct.capture import Capturer
 from mqsam2.reconstruct.hvq import HierarchicalVideoLoss, is_video_unit
@@ -94,6 +96,10 @@ class Reconstructor:
         self.rank, self.world_size = rank_and_world()
         self.workload = workload.shard(self.rank, self.world_size)
         self.all_units = reconstruction_units(model, config.mode)
+        layers = quantized_layers(model).values()
+        self.average_bits = sum(layer.bits * layer.weight.numel() for layer in layers) / max(
+            1, sum(layer.weight.numel() for layer in layers)
+        )
         self.units = self.all_units
         if only is not None:
             unknown = sorted(set(only) - {unit.name for unit in self.units})
@@ -122,7 +128,7 @@ class Reconstructor:
                 self.capturer.before(unit)
             cache = None
             rounded = {k: v.clone() for k, v in unit.module.state_dict().items()}  # round-to-nearest
-            for phase in plan:
+            for phase in self.unit_plan(unit, plan):
                 done = self.run_dir.phase_state(unit.name, phase.name)
                 if done.exists():
                     unit.module.load_state_dict(self.run_dir.load_state(done))
@@ -130,6 +136,15 @@ class Reconstructor:
                     continue
                 cache = cache or self.capture(unit)
                 self.fit_phase(unit, phase, cache, rounded)
+
+    def unit_plan(self, unit: Unit, plan: list[Phase]) -> list[Phase]:
+        """The phases with this unit's iterations: more for a unit with layers narrower than the model's
+        average width (`reconstruction.low_bit_iters`), the same for every unit of a uniform model."""
+        if not self.config.low_bit_iters or not unit.layers:
+            return plan
+        below = max(0, round(self.average_bits) - min(layer.bits for layer in unit.layers.values()))
+        factor = 1.0 + self.config.low_bit_iters * below
+        return [dataclasses.replace(phase, iters=round(phase.iters * factor)) for phase in plan]
 
     def _write_unit_log(self) -> None:
         if self.rank == 0:
