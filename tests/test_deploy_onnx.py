@@ -22,9 +22,7 @@ from mqsam2.deploy.onnx import (
 )
 from mqsam2.deploy.onnx.export import IMAGE_PREDICTOR, export_module
 from mqsam2.deploy.onnx.layers import code_dtype
-from mqsam2.deploy.onnx.video import export_video_networks, video_example_inputs
 from mqsam2.errors import MQSAM2Error
-from mqsam2.memory.predictor import Prompt
 from mqsam2.models import build_sam2, image_features
 from mqsam2.quant import QuantConfig, QuantLinear, calibration, quantizable_layers, quantize
 from tests.conftest import _moving_square_clip
@@ -239,41 +237,3 @@ def test_quantized_sam2_export_keeps_the_codes_and_follows_the_fake_quant_model(
         assert error <= 2 * floor + 1e-5  # measured: 0.224 against a float64 floor of 0.219
         fidelity = mask_fidelity(fake_quant, onnx_box_predictor(predictor), prompts)
         assert fidelity.iou_mean >= 0.85  # measured: 0.92-0.93 (2-bit activations on random weights)
-
-
-@pytest.mark.slow  # two SAM2 networks through torch.export
-def test_video_networks_export_computes_what_the_fake_quant_model_computes(tmp_path):
-    """Memory attention (rotary encoding on real pairs, memories and object pointers dynamic) and the memory
-    encoder of a W8A8 model, against the fake-quant PyTorch modules; float64 again sets the floor."""
-    frames, masks = _moving_square_clip(frames=3, size=SIZE)
-    model = quantize(build_sam2("t", image_size=SIZE), QuantConfig(bits=8))
-    with calibration(model):
-        model.track_clip(frames, (SIZE, SIZE), {1: Prompt.from_mask(0, masks[0])})
-    paths, report = export_video_networks(model, tmp_path)
-    assert report.counts()["qdq-int8"] > 0
-
-    def reference(network: torch.nn.Module, inputs: dict) -> tuple[np.ndarray, np.ndarray]:
-        with torch.no_grad():
-            attention = network.memory_attention(
-                curr=inputs["curr"],
-                curr_pos=inputs["curr_pos"],
-                memory=torch.cat([inputs["memory"], inputs["obj_ptrs"]]),
-                memory_pos=torch.cat([inputs["memory_pos"], inputs["obj_ptrs_pos"]]),
-                num_obj_ptr_tokens=inputs["obj_ptrs"].shape[0],
-            )
-            encoded = network.memory_encoder(inputs["pix_feat"], inputs["mask"], skip_mask_sigmoid=True)
-        return attention.float().numpy(), encoded["vision_features"].float().numpy()
-
-    for frames_, pointers in ((1, 4), (3, 12)):  # the dynamic memory and pointer lengths
-        inputs = video_example_inputs(model, frames=frames_, pointers=pointers)
-        want = reference(model, inputs)
-        float64 = reference(copy.deepcopy(model).double(), {k: v.double() for k, v in inputs.items()})
-        names = ("curr", "curr_pos", "memory", "memory_pos", "obj_ptrs", "obj_ptrs_pos")
-        attention = session(paths["memory_attention"], threads=1).run(
-            None, {n: inputs[n].numpy() for n in names}
-        )
-        encoder = session(paths["memory_encoder"], threads=1).run(
-            None, {"pix_feat": inputs["pix_feat"].numpy(), "mask": inputs["mask"].numpy()}
-        )
-        for got, ref, floor in zip((attention[0], encoder[0]), want, float64, strict=True):
-            assert _relative_error(got, ref) <= 2 * _relative_error(floor, ref) + 1e-5

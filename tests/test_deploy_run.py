@@ -11,9 +11,10 @@ import yaml
 from mqsam2.config import DataConfig, FitConfig, ModelConfig, config_dict
 from mqsam2.deploy.__main__ import main as deploy_cli
 from mqsam2.deploy.fidelity import torch_box_predictor
-from mqsam2.deploy.onnx import OnnxImagePredictor
+from mqsam2.deploy.onnx import OnnxImagePredictor, OnnxVideoTracker
 from mqsam2.errors import MQSAM2Error
 from mqsam2.export import export_model
+from mqsam2.memory import Prompt
 from mqsam2.models import build_sam2
 from mqsam2.quant import QuantConfig, calibration, quantize
 from tests.conftest import _moving_square_clip
@@ -32,10 +33,11 @@ def _run_dir(tmp_path, export: bool = True):
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict(config)))
     if export:
-        frames, _ = _moving_square_clip(frames=1, size=SIZE)
+        frames, masks = _moving_square_clip(frames=2, size=SIZE)
         model = quantize(build_sam2("t", image_size=SIZE), QuantConfig(bits=8))
         with calibration(model):
             torch_box_predictor(model)(frames[0], [[20.0, 20.0, 90.0, 90.0]])
+            model.track_clip(frames, (SIZE, SIZE), {1: Prompt.from_mask(0, masks[0])})
         export_model(model, run_dir / "export" / "model.mq")
     return run_dir
 
@@ -65,6 +67,7 @@ def test_onnx_target_writes_the_artefact_the_report_and_the_card(tmp_path, capsy
     assert report["size"]["ratio"] < 0.3
     assert report["fidelity"]["mask_iou_vs_fake_quant"]["iou_mean"] > 0.9
     assert OnnxImagePredictor(out).image_size == SIZE
+    assert OnnxVideoTracker(out / "tracker").image_size == SIZE
     card = json.loads((run_dir / "export" / "model_card.json").read_text())
     assert card["deployment"]["onnx"]["mask_iou_vs_fake_quant"].endswith("min")
     assert "## Deployment" in (run_dir / "export" / "model_card.md").read_text()

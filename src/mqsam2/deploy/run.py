@@ -5,7 +5,8 @@
 - `onnx`: `encoder.onnx` + `decoder.onnx` (QDQ, integer codes; `mqsam2.deploy.onnx`), run by ONNX Runtime
   on this machine's CPU: seconds per image (encoder) and per box prompt (decoder), the peak memory the
   sessions add, the size of the two files against the same graphs with fp32 weights, and mask IoU against
-  the fake-quant model the export holds.
+  the fake-quant model the export holds; and the video tracker in `tracker/` (five graphs and tracker.json,
+  `mqsam2.deploy.onnx.video`), which `python -m mqsam2.deploy.onnx.track` runs on a folder of frames.
 - `cuda`: the export deployed on the GPU's integer kernels (`deploy(model, DeployConfig(activations=
   "calibrated"))`: fp8 / int8 GEMMs with the calibrated activation steps) and the whole tracker compiled as
   sam2's vos_optimized predictor (`compile_tracker`): images/s of the image encoder, peak GPU memory, the
@@ -37,6 +38,7 @@ from mqsam2.export.card import add_deployment
 from mqsam2.rundir import RunDir
 
 TARGETS = ("onnx", "cuda")
+TRACKER_DIR = "tracker"  # the onnx target's video tracker, beside the image predictor
 
 
 @dataclass(frozen=True)
@@ -81,14 +83,21 @@ def _deploy_onnx(model: nn.Module, out: Path, prompts: list[PromptSet], config: 
     from mqsam2.deploy.fidelity import onnx_box_predictor
     from mqsam2.deploy.onnx import OnnxExportConfig, OnnxImagePredictor, export_image_predictor
     from mqsam2.deploy.onnx.runtime import float_equivalent_bytes, peak_memory_mib, time_predictor
+    from mqsam2.deploy.onnx.video import export_video_tracker
 
-    export = export_image_predictor(model, out, OnnxExportConfig(low_bit_kernel=config.low_bit_kernel))
+    export_config = OnnxExportConfig(low_bit_kernel=config.low_bit_kernel)
+    export = export_image_predictor(model, out, export_config)
+    tracker = export_video_tracker(model, out / TRACKER_DIR, export_config)
     predictor = OnnxImagePredictor(out, threads=config.threads)
     timing = time_predictor(predictor, prompts[0].image, config.repeats)
     fidelity = mask_fidelity(torch_box_predictor(model), onnx_box_predictor(predictor), prompts)
     fp32_bytes = float_equivalent_bytes([export.encoder, export.decoder])
     return {
-        "artefact": [export.encoder.name, export.decoder.name],
+        "artefact": [
+            export.encoder.name,
+            export.decoder.name,
+            *(f"{TRACKER_DIR}/{path.name}" for path in (*tracker.graphs.values(), tracker.settings)),
+        ],
         "runtime": f"onnxruntime {onnxruntime.__version__}, CPUExecutionProvider, "
         f"{config.threads or 'default'} intra-op threads",
         "machine": platform.processor() or platform.machine(),
@@ -102,6 +111,7 @@ def _deploy_onnx(model: nn.Module, out: Path, prompts: list[PromptSet], config: 
             "bytes": export.nbytes,
             "fp32_weights_bytes": fp32_bytes,
             "ratio": export.nbytes / fp32_bytes,
+            "tracker_bytes": tracker.nbytes,
         },
         "fidelity": {"mask_iou_vs_fake_quant": fidelity.as_dict()},
         "layers": export.layers.counts(),

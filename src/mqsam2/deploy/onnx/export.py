@@ -157,7 +157,7 @@ def export_module(
     program.save(str(path))
 
 
-def _write_metadata(path: Path, metadata: dict) -> None:
+def write_metadata(path: Path, metadata: dict) -> None:
     proto = onnx.load(str(path))
     onnx.helper.set_model_props(proto, {key: json.dumps(value) for key, value in metadata.items()})
     onnx.save(proto, str(path))
@@ -176,13 +176,6 @@ def export_image_predictor(
     directory.mkdir(parents=True, exist_ok=True)
     ready, report = export_ready(model, config)
     size = int(ready.image_size)
-    metadata = {
-        "mqsam2.sam2_config": getattr(model, "mqsam2_config", None),
-        "mqsam2.image_size": size,
-        "mqsam2.quantized": is_quantized(model),
-        "mqsam2.bit_plan": bit_plan(model),
-        "mqsam2.export_config": asdict(config),
-    }
     image, prompt = example_inputs(size)
     encoder, decoder = directory / ENCODER_FILE, directory / DECODER_FILE
     export_module(ImageEncoderGraph(ready), (image,), encoder, ["image"], ENCODER_OUTPUTS)
@@ -195,17 +188,30 @@ def export_image_predictor(
         DECODER_OUTPUTS,
         dynamic_shapes=(None, None, None, {1: points}, {1: points}),
     )
-    _keep_exported(report, (encoder, decoder))
-    metadata["mqsam2.bit_plan"] = {
-        k: v for k, v in metadata["mqsam2.bit_plan"].items() if k in report.kernels
-    }
-    metadata["mqsam2.kernels"] = report.kernels
-    for path in (encoder, decoder):
-        _write_metadata(path, metadata)
+    metadata = finish_export(model, config, report, (encoder, decoder))
     return OnnxExport(encoder, decoder, metadata, report)
 
 
-def _keep_exported(report: OnnxLayerReport, paths: Sequence[Path]) -> None:
+def finish_export(
+    model: nn.Module, config: OnnxExportConfig, report: OnnxLayerReport, paths: Sequence[Path]
+) -> dict:
+    """Trim the report to the layers the graphs use and write the metadata (source config, size, bit plan,
+    kernels) into every graph; returns the metadata."""
+    keep_exported(report, paths)
+    metadata = {
+        "mqsam2.sam2_config": getattr(model, "mqsam2_config", None),
+        "mqsam2.image_size": int(model.image_size),
+        "mqsam2.quantized": is_quantized(model),
+        "mqsam2.bit_plan": {k: v for k, v in bit_plan(model).items() if k in report.kernels},
+        "mqsam2.export_config": asdict(config),
+        "mqsam2.kernels": report.kernels,
+    }
+    for path in paths:
+        write_metadata(path, metadata)
+    return metadata
+
+
+def keep_exported(report: OnnxLayerReport, paths: Sequence[Path]) -> None:
     """Drop from the report the swapped layers no graph uses (e.g. the prompt encoder's mask convolutions:
     the decoder takes no mask prompt)."""
     initializers = {
