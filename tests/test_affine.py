@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mqsam2.errors import MQSAM2Error
-from mqsam2.quant import dequantize_affine, fake_quantize, params_from_range, quantize_affine
+from mqsam2.quant import WeightQuantizer, dequantize_affine, fake_quantize, params_from_range, quantize_affine
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -53,3 +53,20 @@ def test_straight_through_gradient_inside_range_only():
 def test_bits_outside_supported_range_are_rejected(bits):
     with pytest.raises(MQSAM2Error, match="2..8"):
         params_from_range(torch.tensor(-1.0), torch.tensor(1.0), bits)
+
+
+def test_weight_codes_taken_while_adaround_is_live_are_the_codes_hardening_fixes():
+    """An export may read codes before the rounding is hardened: they must be the learned ones. Truth: round to
+    nearest of the hardened weight (which `harden` builds so that RTN maps it onto the learned codes)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 10, generator=g)
+    quantizer = WeightQuantizer(4, 6)
+    quantizer.set_range(w.amin(1), w.amax(1))
+    nearest = quantizer.codes(w)
+    alpha = quantizer.start_adaround(w)
+    with torch.no_grad():
+        alpha.copy_(torch.randn(alpha.shape, generator=g) * 3)
+    live = quantizer.codes(w)
+    hardened = quantizer.harden(w)
+    assert torch.equal(live, quantize_affine(hardened, quantizer.scale, quantizer.zero_point, 4, axis=0))
+    assert not torch.equal(live, nearest)

@@ -228,6 +228,17 @@ class WeightQuantizer(FakeQuantizer):
         self.alpha = nn.Parameter(alpha.float())
         return self.alpha
 
+    def codes(self, w: torch.Tensor) -> torch.Tensor:
+        """The integer codes of `w`: round to nearest, or while AdaRound is live its learned rounding made hard
+        (what `harden` fixes), so an export taken before hardening still stores the learned codes."""
+        if self.alpha is None:
+            return super().codes(w)
+        self._check_ready()
+        scale = self.scale.reshape(-1, *([1] * (w.ndim - 1)))
+        up = (self.alpha >= 0).to(w.dtype)
+        codes = torch.floor(w.detach() / scale) + up + self.zero_point.reshape_as(scale)
+        return torch.clamp(codes, 0, qmax(self.bits)).to(torch.uint8)
+
     def soft_rounding(self) -> torch.Tensor:
         if self.alpha is None:
             raise MQSAM2Error(f"{self.name}: AdaRound is not active on this layer")
@@ -240,8 +251,6 @@ class WeightQuantizer(FakeQuantizer):
         if self.alpha is None:
             return w
         scale = self.scale.reshape(-1, *([1] * (w.ndim - 1)))
-        zero_point = self.zero_point.reshape_as(scale)
-        up = (self.alpha >= 0).to(w.dtype)
-        codes = torch.clamp(torch.floor(w / scale) + up + zero_point, 0, qmax(self.bits))
+        codes = self.codes(w).to(w.dtype)
         self.alpha = None
-        return ((codes - zero_point) * scale).to(w.dtype)
+        return ((codes - self.zero_point.reshape_as(scale)) * scale).to(w.dtype)
