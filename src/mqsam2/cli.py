@@ -63,6 +63,24 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USER, f"error: {message} (see {self.prog} --help)\n")
 
 
+def count(least: int = 1) -> Callable[[str], int]:
+    """An argparse type for a count: an integer of at least `least`; argparse names the option when not."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'a positive integer' if least == 1 else f'an integer of at least {least}'}"
+            )
+        return value
+
+    parse.__name__ = "count"
+    return parse
+
+
 def describe_os_error(exc: OSError) -> str:
     """An OSError as "cannot use <file>: <reason>; <fix>"."""
     reason, fix = _OS_ERRORS.get(exc.errno, (exc.strerror or str(exc), "check the path and the disk"))
