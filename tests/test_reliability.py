@@ -35,7 +35,8 @@ TINY = """\
 name: tiny
 model: {size: t, image_size: 64}
 data: {synth_videos: 1, synth_frames: 3, synth_size: 64, synth_images: 1,
-       calib_videos: 1, calib_frames: 3, calib_images: 1, calib_objects: 1}
+       calib_videos: 1, calib_frames: 3, calib_images: 1, calib_objects: 1, val_videos: 1, val_frames: 3,
+       val_images: 0}
 quant: {observer_sample_size: 4096}
 reconstruction: {units: [image_encoder.trunk.blocks.0, image_encoder.trunk.blocks.1], iters: 4, batch_size: 2,
                  checkpoint_every: 1, accelerator: cpu, devices: 1}
@@ -90,6 +91,7 @@ def _files(path: Path) -> set[str]:
 
 def _write(root: Path, name: str, content: bytes | str) -> Path:
     path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     return path
 
@@ -207,7 +209,6 @@ def test_fit_refuses_bad_input_in_one_line_writing_nothing(tiny, runner, tmp_pat
     _write(tmp_path, "random.pt", os.urandom(4096))
     _write(tmp_path, "a-file", "")
     (tmp_path / "empty").mkdir()
-    (tmp_path / "cut").mkdir()
     (shard,) = tiny.synth.glob("*/videos/*.tar")
     _write(tmp_path, "cut/synth-000000.tar", shard.read_bytes()[: shard.stat().st_size // 2])
     (images,) = tiny.synth.glob("*/images")
@@ -409,34 +410,38 @@ def test_data_refuses_bad_input_in_one_line(runner, tmp_path, case):
 
 # ---- the same through a fresh `python -m` process, as a user runs it ---------------------------------------------
 
-FRESH = {  # module: (arguments, with {root} for the case's folder; the message): a case of each table above
-    "mqsam2.fit": FIT_CASES["bad YAML"],
-    "mqsam2.compare": COMPARE_CASES["missing config file"],
-    "mqsam2.export": ([], EXPORT_CASES["no source"][1]),
-    "mqsam2.deploy": (["--run", "{root}/nope", "--target", "onnx"], DEPLOY_CASES["no such run"][1]),
-    "mqsam2.data": DATA_CASES["negative video count"],
-}
+FRESH = [  # (module, (arguments, with {root} for the case's folder; the message)): cases of the tables above
+    ("mqsam2.fit", FIT_CASES["bad YAML"]),
+    ("mqsam2.fit", FIT_CASES["missing checkpoint of Meta's release"]),  # past Lightning's Slurm detection
+    ("mqsam2.compare", COMPARE_CASES["missing config file"]),
+    ("mqsam2.export", ([], EXPORT_CASES["no source"][1])),
+    ("mqsam2.deploy", (["--run", "{root}/nope", "--target", "onnx"], DEPLOY_CASES["no such run"][1])),
+    ("mqsam2.data", DATA_CASES["negative video count"]),
+]
 
 
 def test_a_fresh_process_of_each_command_answers_bad_input_in_exactly_one_line(tmp_path):
     """No runner and no argv handed to main(), the commands in parallel: stderr holds the one line and nothing
     else (no library's warning, whatever is installed on the machine)."""
     _write(tmp_path, "broken.yaml", "model:\n  size: t\n  image_size: [64\n")
-    processes = {
-        module: subprocess.Popen(
+    _write(tmp_path, "bin/srun", "#!/bin/sh\n").chmod(0o755)  # as on a machine with Slurm installed
+    env = os.environ | {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    processes = [
+        subprocess.Popen(
             [sys.executable, "-m", module, *(a.format(root=tmp_path) for a in arguments)],
             cwd=tmp_path,
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for module, (arguments, _) in FRESH.items()
-    }
-    for module, process in processes.items():
+        for module, (arguments, _) in FRESH
+    ]
+    for (module, (_, message)), process in zip(FRESH, processes, strict=True):
         stdout, stderr = process.communicate(timeout=300)
         assert process.returncode == 2, (module, stdout, stderr)
         assert stdout == "" and stderr.count("\n") == 1, (module, stdout, stderr)
-        assert re.fullmatch(FRESH[module][1] + ".*", stderr.strip()), (module, stderr)
+        assert re.fullmatch(message + ".*", stderr.strip()), (module, stderr)
 
 
 # ---- interruptions: a real signal at an exact point, then a rerun to the same export ---------------------------
@@ -505,6 +510,70 @@ def test_an_interrupted_run_reruns_to_a_bit_identical_export(tiny, runner, tmp_p
     assert run.export.read_bytes() == tiny.run.export.read_bytes()
     assert [r["unit"] for r in run.unit_records()] == list(UNITS)
     assert not [name for name in _files(run.path) if name.endswith(".tmp")]
+
+
+# ---- what a finished run says: evaluation, its table, the closing summary, the rerun -----------------------------
+
+EVALUATED = ["--evaluation.enabled", "true", "--evaluation.overlays", "1"]
+
+
+def _averages(run: RunDir) -> tuple[float, float]:
+    """The plan's weight (parameter-weighted) and activation (element-weighted) averages, from its widths."""
+    plan, layers = json.loads(run.plan.read_text()), json.loads(run.importance.read_text())
+    params = {name: layers[name]["num_params"] for name in plan["bits"]}
+    elements = {name: layers[name]["act_elements"] for name in plan["bits"]}
+    weights = sum(plan["bits"][n] * params[n] for n in params) / sum(params.values())
+    return weights, sum(plan["act_bits"][n] * elements[n] for n in elements) / sum(elements.values())
+
+
+def test_an_evaluated_run_says_what_it_does_labels_its_rows_and_reuses_its_evaluation(tiny, runner, tmp_path):
+    run = RunDir(
+        tmp_path / "tiny"
+    )  # the reference run's stages, evaluated now (its settings are runtime ones)
+    shutil.copytree(tiny.run.path, run.path, ignore=shutil.ignore_patterns("export"))
+    done = runner("fit", *tiny.args(tmp_path, *EVALUATED))
+    assert done.status == 0, done.describe()
+    assert done.stderr == "", done.describe()  # no progress bar of sam2's, no library warning
+
+    weights, acts = _averages(run)
+    mixed = f"mixqsam2 Avg-4 (W{weights:.2f}/A{acts:.2f})"
+    passes = [f"evaluate: {model}, memory {memory}, clip 1 of 1" for memory in ("fifo", "sis")
+              for model in ("FP", "W4A4 (minmax)", mixed)]  # fmt: skip
+    logged = [line.split(" | ", 1)[-1] for line in done.stdout.splitlines()]
+    assert [line for line in logged if line.startswith("evaluate:")] == passes
+    assert "evaluation: 1 clips and 0 images; the validation loop, then 3 models x memory fifo, sis" in logged
+
+    metrics = json.loads(run.metrics.read_text())
+    bits = {row["model"]: (row["weight_avg_bits"], row["act_avg_bits"]) for row in metrics["table"]}
+    assert bits == {
+        "FP": (None, None),
+        "W4A4 (minmax)": (4.0, 4.0),
+        mixed: (pytest.approx(weights), pytest.approx(acts)),
+    }
+    card = card_paths(run.export)[0].read_text()
+    assert "seeded random init, not a trained SAM2" in card
+    assert "| model | memory | weight_avg_bits | act_avg_bits |" in card and mixed in card
+    if f"{acts:.2f}" != "4.00":
+        assert f"their activations 4.00 / {acts:.2f} bits" in metrics["note"] and metrics["note"] in card
+
+    closing = logged[logged.index(next(line for line in logged if line.startswith("done in"))) :]
+    stages = ["model and data", "importance", "allocation", "quantize", "reconstruct", "evaluate", "export"]
+    timed = re.fullmatch(r"done in [\d.]+ s \((.+)\): " + re.escape(str(run.path)), closing[0])
+    assert timed, closing[0]
+    named = re.findall(r"([a-z ]+) [\d.]+ s(?:, |$)", timed.group(1))  # reused stages take no time
+    assert named == [stage for stage in stages if stage in named] and {"evaluate", "export"} <= set(named)
+    listed = [line.split() for line in closing[1:]]
+    assert [words[-1] for words in listed] == [
+        str(p)
+        for p in (run.metrics, card_paths(run.export)[0], run.allocation_figure, run.overlays, run.export)
+    ]
+    assert list(run.overlays.glob("*.png"))
+
+    again = runner("fit", *tiny.args(tmp_path, *EVALUATED))
+    assert again.status == 0 and again.stderr == "", again.describe()
+    assert f"evaluation: reusing {run.metrics}" in again.stdout
+    assert "evaluate:" not in again.stdout and "validation loop" not in again.stdout
+    assert json.loads(run.metrics.read_text()) == metrics
 
 
 # ---- a unit that reconstruction makes worse ---------------------------------------------------------------------

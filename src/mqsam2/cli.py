@@ -23,6 +23,7 @@ import traceback
 from collections.abc import Callable
 
 from mqsam2.errors import MQSAM2Error
+from mqsam2.quiet import silence_known_warnings
 
 EXIT_INTERNAL, EXIT_USER = 1, 2
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -92,6 +93,7 @@ def run_command(body: Callable[[], object], on_stop: str) -> int:
     """Run a command's `body` inside the boundary and return its exit status (see the module docstring).
     `on_stop` tells the user what a stop left behind, e.g. how to resume."""
     _received.clear()
+    silence_known_warnings()
     previous = {sig: signal.signal(sig, _raise_stopped) for sig in STOP_SIGNALS}
     try:
         body()
