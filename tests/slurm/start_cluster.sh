@@ -3,11 +3,14 @@
 # partition whose node is this machine with its real CPUs and memory (as `slurmd -C` reports them).
 #
 # Usage (as root): bash tests/slurm/start_cluster.sh        # idempotent: returns at once when already up
-#                  bash tests/slurm/start_cluster.sh stop
+#                  bash tests/slurm/start_cluster.sh stop   # ends the daemons this script started
+# The suite starts it (tests/conftest.py, fixture slurm_cluster) and stops it when the session ends.
 # Installs Debian's slurm-wlm and munge with apt when missing. Everything the cluster writes (config, state,
-# logs) lives in $MQSAM2_SLURM_DIR (default /tmp/mqsam2-slurm); clients find it through
-# SLURM_CONF=$MQSAM2_SLURM_DIR/slurm.conf. No cgroups: proctrack/linuxproc and task/none run in containers.
-# Exit status 0 once `sinfo` shows the node idle; otherwise non-zero with the reason on stderr.
+# logs, its own munge key and socket: the system's munged is neither used nor touched) lives in
+# $MQSAM2_SLURM_DIR (default /tmp/mqsam2-slurm); clients find it through SLURM_CONF=$MQSAM2_SLURM_DIR/slurm.conf.
+# No cgroups: proctrack/linuxproc and task/none run in containers.
+# Exit status 0 once `sinfo` shows the node idle ("started" or "already up" on stdout); otherwise non-zero
+# with the reason on stderr.
 set -euo pipefail
 
 DIR=${MQSAM2_SLURM_DIR:-/tmp/mqsam2-slurm}
@@ -20,8 +23,17 @@ fail() {
 }
 
 stop() {
-    for pidfile in "$DIR/slurmd.pid" "$DIR/slurmctld.pid"; do
-        [[ -s $pidfile ]] && kill "$(cat "$pidfile")" 2>/dev/null || true
+    # slurmd first (it ends its job steps), munged last (the others authenticate through it); each is waited for
+    for pidfile in "$DIR/slurmd.pid" "$DIR/slurmctld.pid" "$DIR/munge/munged.pid"; do
+        if [[ -s $pidfile ]]; then
+            pid=$(cat "$pidfile")
+            kill "$pid" 2>/dev/null || true
+            for _ in $(seq 50); do
+                kill -0 "$pid" 2>/dev/null || break
+                sleep 0.2
+            done
+            kill -9 "$pid" 2>/dev/null || true
+        fi
         rm -f "$pidfile"
     done
 }
@@ -45,16 +57,16 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
         fail "apt-get install slurm-wlm munge failed (log: $DIR/apt.log)"
 fi
 
-if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
-    [[ -s /etc/munge/munge.key ]] || mungekey --create --keyfile /etc/munge/munge.key
-    chown munge:munge /etc/munge/munge.key
-    chmod 400 /etc/munge/munge.key
-    install -d -o munge -g munge -m 755 /run/munge /var/log/munge /var/lib/munge
-    runuser -u munge -- /usr/sbin/munged || fail "munged did not start"
-    munge -n | unmunge >/dev/null || fail "munge credentials do not round-trip"
-fi
-
+MUNGE=$DIR/munge
+mkdir -p "$MUNGE"
+chmod 700 "$MUNGE"
+[[ -s $MUNGE/munge.key ]] || { head -c 1024 /dev/urandom >"$MUNGE/munge.key" && chmod 400 "$MUNGE/munge.key"; }
 stop
+munged --force --key-file="$MUNGE/munge.key" --socket="$MUNGE/munge.socket" --pid-file="$MUNGE/munged.pid" \
+    --log-file="$MUNGE/munged.log" --seed-file="$MUNGE/munged.seed" || fail "munged did not start"
+munge -S "$MUNGE/munge.socket" -n | unmunge -S "$MUNGE/munge.socket" >/dev/null ||
+    fail "munge credentials do not round-trip"
+
 host=$(hostname -s)
 node_line=$(slurmd -C | head -n 1)
 [[ $node_line == NodeName=* ]] || fail "slurmd -C could not describe this node: $node_line"
@@ -65,6 +77,7 @@ SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=socket=$MUNGE/munge.socket
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -93,7 +106,7 @@ slurmd || fail "slurmd did not start: $(tail -n 5 "$DIR/slurmd.log" 2>/dev/null)
 for _ in $(seq 60); do
     state=$(sinfo -h -p "$PARTITION" -o %T 2>/dev/null || true)
     if [[ $state == idle ]]; then
-        echo "start_cluster: node $host idle in partition $PARTITION (SLURM_CONF=$SLURM_CONF)"
+        echo "start_cluster: started; node $host idle in partition $PARTITION (SLURM_CONF=$SLURM_CONF)"
         exit 0
     fi
     sleep 1
