@@ -75,6 +75,8 @@ def slurm_cluster():
         reason = f"Slurm could not start here: {(start.stderr or start.stdout).strip()}"
         print(reason)
         pytest.skip(reason)
+    lines = Path(folder, "env").read_text().splitlines()
+    env |= dict(line.split("=", 1) for line in lines if "=" in line)  # SLURM_CONF, an unpacked prefix's paths
     yield env
     if "start_cluster: started" in start.stdout:
         subprocess.run(["bash", str(START_CLUSTER), "stop"], env=env, check=True, timeout=120)
