@@ -67,18 +67,14 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 def count(least: int = 1) -> Callable[[str], int]:
     """An argparse type for a count: an integer of at least `least`; argparse names the option when not."""
 
+    wanted = "a positive integer" if least == 1 else f"an integer of at least {least}"
+
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
+        value = int(text) if text.strip().lstrip("+-").isdigit() else None
         if value is None or value < least:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not {'a positive integer' if least == 1 else f'an integer of at least {least}'}"
-            )
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}")
         return value
 
-    parse.__name__ = "count"
     return parse
 
 
