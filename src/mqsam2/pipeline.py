@@ -343,6 +343,7 @@ def stage_evaluate(
     )
     if images:
         for name, candidate in models.items():
+            log.info("evaluate: %s, mask mAP on %d images", name, len(image_share))
             stats = mask_map(candidate, image_share, cfg.detections, metric=MaskMAP().to(device))
             fidelity = mask_map(
                 candidate, image_share, cfg.detections, reference=float_model, metric=MaskMAP().to(device)
