@@ -1,9 +1,10 @@
 """mqsam2's commands as real processes, cheaply.
 
 A forkserver imports mqsam2 once; each command is a fresh process forked from it that runs the command's
-module exactly as `python -m` does (`sys.exit(main(argv))`), with its own working directory, environment,
-stdout/stderr files, exit status and signal handlers, so importing torch and Lightning (tens of seconds on a
-busy 2-core machine) is paid once per test session instead of once per case.
+module exactly as `python -m` does (runpy runs it as `__main__`, whose `main()` reads `sys.argv`: no argv is
+handed to it, so the tests take the path a user's command line takes), with its own working directory,
+environment, stdout/stderr files, exit status and signal handlers, so importing torch and Lightning (tens of
+seconds on a busy 2-core machine) is paid once per test session instead of once per case.
 
 A `Fault` sends the process a real signal at an exact point: on the n-th call of a named function, before or
 after it runs. Functions are patched where the caller looks them up (e.g. `mqsam2.reconstruct.driver:save_torch`
@@ -17,12 +18,27 @@ import importlib
 import multiprocessing
 import os
 import resource
+import runpy
 import signal
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-COMMANDS = {"fit": "mqsam2.fit", "export": "mqsam2.export.__main__", "data": "mqsam2.data.__main__"}
+COMMANDS = {
+    "fit": "mqsam2.fit",
+    "compare": "mqsam2.compare",
+    "export": "mqsam2.export",
+    "deploy": "mqsam2.deploy",
+    "data": "mqsam2.data",
+}
+PRELOAD = [
+    "mqsam2.fit",
+    "mqsam2.compare",
+    "mqsam2.export.__main__",
+    "mqsam2.deploy.__main__",
+    "mqsam2.data.__main__",
+]
 OUR_LINES = ("error:", "stopped by", "internal error:")
 
 
@@ -103,8 +119,12 @@ def _child(
     if fsize is not None:  # writes past it fail with EFBIG, as they would with ENOSPC on a full disk
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+    # the forkserver imported the module already; `python -m` would import it only as __main__
+    warnings.filterwarnings(
+        "ignore", message=r".*found in sys\.modules after import of package", category=RuntimeWarning
+    )
     sys.argv = [module, *argv]
-    sys.exit(importlib.import_module(module).main(argv))
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 class Runner:
@@ -114,7 +134,7 @@ class Runner:
         self.workdir = Path(workdir)
         self.env = env
         self.context = multiprocessing.get_context("forkserver")
-        self.context.set_forkserver_preload(list(COMMANDS.values()))
+        self.context.set_forkserver_preload(PRELOAD)
         self.count = 0
 
     def __call__(

@@ -1,8 +1,11 @@
-"""Shared fixtures: small random-init SAM2 models and a short generated clip (no downloads anywhere)."""
+"""Shared fixtures: small random-init SAM2 models, a short generated clip (no downloads anywhere) and the local
+Slurm cluster, which lives no longer than the test session."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,3 +57,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+START_CLUSTER = Path(__file__).parent / "slurm" / "start_cluster.sh"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The environment of a one-node Slurm cluster (tests/slurm/start_cluster.sh), started on first use and
+    stopped, daemons and all, when the session ends (a cluster that was up before is left as it was); skipped,
+    printing why, when Slurm cannot run here."""
+    folder = os.environ.get("MQSAM2_SLURM_DIR", "/tmp/mqsam2-slurm")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "WANDB_SERVICE"}
+    env |= {"SLURM_CONF": f"{folder}/slurm.conf", "MQSAM2_SLURM_DIR": folder}
+    start = subprocess.run(["bash", str(START_CLUSTER)], env=env, capture_output=True, text=True, timeout=900)
+    if start.returncode != 0:
+        reason = f"Slurm could not start here: {(start.stderr or start.stdout).strip()}"
+        print(reason)
+        pytest.skip(reason)
+    lines = Path(folder, "env").read_text().splitlines()
+    env |= dict(line.split("=", 1) for line in lines if "=" in line)  # SLURM_CONF, an unpacked prefix's paths
+    yield env
+    if "start_cluster: started" in start.stdout:
+        subprocess.run(["bash", str(START_CLUSTER), "stop"], env=env, check=True, timeout=120)

@@ -25,7 +25,6 @@ from mqsam2.distributed import local_rank, processes_per_node, rank_and_world, t
 from mqsam2.reconstruct.driver import newest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-SLURM_DIR = Path(os.environ.get("MQSAM2_SLURM_DIR", "/tmp/mqsam2-slurm"))
 LAUNCHER_VARS = ("TORCHELASTIC_RUN_ID", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK")
 
 
@@ -194,25 +193,6 @@ WARNING_CUT = (
 TIMEOUT = 900
 
 
-@pytest.fixture(scope="module")
-def cluster_env():
-    """Start (or reuse) the local cluster; skip, printing why, when Slurm cannot run here."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "WANDB_SERVICE"}
-    env |= {"SLURM_CONF": str(SLURM_DIR / "slurm.conf"), "MQSAM2_SLURM_DIR": str(SLURM_DIR)}
-    start = subprocess.run(
-        ["bash", str(REPO / "tests" / "slurm" / "start_cluster.sh")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    if start.returncode != 0:
-        reason = f"Slurm could not start here: {(start.stderr or start.stdout).strip()}"
-        print(reason)
-        pytest.skip(reason)
-    return env
-
-
 def _run(env: dict, *command: str) -> str:
     return subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout.strip()
 
@@ -286,8 +266,8 @@ def _records(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slurm
-def test_preempted_job_resumes_mid_unit_and_matches_an_uninterrupted_run(cluster_env, tmp_path):
-    env = cluster_env
+def test_preempted_job_resumes_mid_unit_and_matches_an_uninterrupted_run(slurm_cluster, tmp_path):
+    env = slurm_cluster
     straight, preempted = _submit(env, tmp_path, "straight"), _submit(env, tmp_path, "preempted")
     logs = {straight: tmp_path / "straight.out", preempted: tmp_path / "preempted.out"}
     run_dir, reference = tmp_path / "preempted" / RUN_NAME, tmp_path / "straight" / RUN_NAME

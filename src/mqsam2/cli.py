@@ -23,6 +23,7 @@ import traceback
 from collections.abc import Callable
 
 from mqsam2.errors import MQSAM2Error
+from mqsam2.quiet import silence_known_warnings
 
 EXIT_INTERNAL, EXIT_USER = 1, 2
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -63,6 +64,20 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USER, f"error: {message} (see {self.prog} --help)\n")
 
 
+def count(least: int = 1) -> Callable[[str], int]:
+    """An argparse type for a count: an integer of at least `least`; argparse names the option when not."""
+
+    wanted = "a positive integer" if least == 1 else f"an integer of at least {least}"
+
+    def parse(text: str) -> int:
+        value = int(text) if text.strip().lstrip("+-").isdigit() else None
+        if value is None or value < least:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}")
+        return value
+
+    return parse
+
+
 def describe_os_error(exc: OSError) -> str:
     """An OSError as "cannot use <file>: <reason>; <fix>"."""
     reason, fix = _OS_ERRORS.get(exc.errno, (exc.strerror or str(exc), "check the path and the disk"))
@@ -74,6 +89,7 @@ def run_command(body: Callable[[], object], on_stop: str) -> int:
     """Run a command's `body` inside the boundary and return its exit status (see the module docstring).
     `on_stop` tells the user what a stop left behind, e.g. how to resume."""
     _received.clear()
+    silence_known_warnings()
     previous = {sig: signal.signal(sig, _raise_stopped) for sig in STOP_SIGNALS}
     try:
         body()

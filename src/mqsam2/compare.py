@@ -41,6 +41,7 @@ from mqsam2.config import (
     ModelConfig,
     ReconstructionConfig,
     changed_identity,
+    parse_arguments,
 )
 from mqsam2.errors import MQSAM2Error
 from mqsam2.evaluate import clip_prompts, score_tracks, track_all
@@ -794,16 +795,18 @@ def plot_report(results: dict, config: CompareConfig, path: Path) -> Path:
 # ------------------------------------------------------------------------------------------------------ CLI
 
 
+PROG = "python -m mqsam2.compare"
+
+
 def parser() -> ArgumentParser:
-    cli = ArgumentParser(prog="python -m mqsam2.compare", description=__doc__, default_env=False)
+    cli = ArgumentParser(prog=PROG, description=__doc__, default_env=False, exit_on_error=False)
     cli.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
     cli.add_class_arguments(CompareConfig, as_group=False)
     return cli
 
 
 def parse_config(argv: list[str] | None = None) -> CompareConfig:
-    cli = parser()
-    values = cli.instantiate(cli.parse_args(argv))
+    values = parse_arguments(parser(), argv, PROG)
     return CompareConfig(**{k: v for k, v in vars(values).items() if k in CompareConfig.__dataclass_fields__})
 
 

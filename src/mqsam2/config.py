@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -48,6 +49,29 @@ class ModelConfig:
             check_image_size(self.image_size)
 
 
+# the fewest each count may be: a run needs clips of frames at some size; images may be left out
+DATA_COUNTS = {
+    "synth_videos": 1,
+    "synth_frames": 1,
+    "synth_size": 1,
+    "synth_images": 0,
+    "calib_videos": 1,
+    "calib_frames": 1,
+    "calib_images": 0,
+    "val_videos": 0,
+    "val_frames": 1,
+    "val_images": 0,
+}
+
+
+def check_count(option: str, value: int, least: int = 1) -> None:
+    """A count below `least` (a negative number of clips, zero frames) is refused naming its option."""
+    if value < least:
+        raise MQSAM2Error(
+            f"{option} is {value}: give {'a positive number' if least == 1 else f'at least {least}'}"
+        )
+
+
 @dataclass
 class DataConfig:
     """Shards to read (folders, globs, brace patterns or paths, alone or in lists); without them, synthetic
@@ -75,6 +99,10 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for key, least in DATA_COUNTS.items():
+            check_count(f"data.{key}", getattr(self, key), least)
+        if self.calib_objects is not None:
+            check_count("data.calib_objects", self.calib_objects)
         objects = list(self.synth_objects)
         if len(objects) != 2 or not 1 <= objects[0] <= objects[1]:
             raise MQSAM2Error(
@@ -93,7 +121,7 @@ class AllocationConfig:
 
     def __post_init__(self) -> None:
         for bits in self.candidates:
-            check_bits(bits)
+            check_bits(bits, "allocation.candidates")
         check_budget(self.candidates, self.target_avg, self.error, self.method)
 
 
@@ -155,10 +183,9 @@ class ReconstructionConfig:
             raise MQSAM2Error(
                 f"reconstruction.capture {self.capture!r} is unknown: use one of {', '.join(CAPTURE_MODES)}"
             )
-        if self.iters < 1 or self.batch_size < 1 or (self.act_iters is not None and self.act_iters < 1):
-            raise MQSAM2Error("reconstruction.iters, act_iters and batch_size must be positive")
-        if self.checkpoint_every < 1 or self.check_finite_every < 1:
-            raise MQSAM2Error("reconstruction.checkpoint_every and check_finite_every must be positive")
+        for key in ("iters", "act_iters", "batch_size", "checkpoint_every", "check_finite_every"):
+            if getattr(self, key) is not None:
+                check_count(f"reconstruction.{key}", getattr(self, key))
         if self.units is not None and not self.units:
             raise MQSAM2Error("reconstruction.units is empty: name units, or leave it out for all of them")
         for key in ("lr_rounding", "lr_act"):
@@ -190,6 +217,11 @@ class EvaluationConfig:
     detections: str | None = None
     images: bool = True
     overlays: int = 2
+
+    def __post_init__(self) -> None:
+        for bits in self.baselines:
+            check_bits(bits, "evaluation.baselines")
+        check_count("evaluation.overlays", self.overlays, least=0)
 
 
 @dataclass
@@ -266,16 +298,23 @@ def parser(prog: str = "python -m mqsam2.fit", description: str | None = None) -
 
 
 def parse_config(argv: list[str] | None = None, prog: str = "python -m mqsam2.fit") -> FitConfig:
-    """A validated FitConfig from command-line arguments; any problem is one MQSAM2Error line."""
-    argv = list(argv) if argv is not None else None
-    for path in _config_files(argv or []):
+    """A validated FitConfig from command-line arguments (sys.argv[1:] when None); any problem is one
+    MQSAM2Error line."""
+    values = parse_arguments(parser(prog), argv, prog)
+    return FitConfig(**{k: v for k, v in vars(values).items() if k in FitConfig.__dataclass_fields__})
+
+
+def parse_arguments(cli: ArgumentParser, argv: list[str] | None, prog: str):
+    """`cli`'s instantiated namespace for `argv`, or for sys.argv[1:] when None as under `python -m`: the
+    --config files are checked first, so a broken file is named with its line, and every parser error is one
+    MQSAM2Error line. `cli` must be built with `exit_on_error=False`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for path in _config_files(argv):
         check_yaml(path)
-    cli = parser(prog)
     try:
-        values = cli.instantiate(cli.parse_args(argv))
+        return cli.instantiate(cli.parse_args(argv))
     except _ArgumentError as error:
         raise MQSAM2Error(f"{one_line_parser_error(str(error))} (see {prog} --help)") from None
-    return FitConfig(**{k: v for k, v in vars(values).items() if k in FitConfig.__dataclass_fields__})
 
 
 def load_config(path: str | Path) -> FitConfig:
@@ -289,14 +328,15 @@ def _config_files(argv: list[str]) -> list[str]:
 
 
 def check_yaml(path: str | Path) -> None:
-    """A config file that is missing or not valid YAML is refused naming the file and line."""
+    """A config file that is missing, not valid YAML, empty or not a mapping of options is refused naming the
+    file (and the line)."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
-        raise MQSAM2Error(f"cannot read config file {path}: {exc.strerror}") from None
+        raise MQSAM2Error(f"cannot read config file {path}: {exc.strerror}; check the path") from None
     try:
-        yaml.safe_load(text)
+        options = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark, context = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -304,6 +344,13 @@ def check_yaml(path: str | Path) -> None:
         if context is not None and getattr(exc, "context", None):
             problem = f"{exc.context} from line {context.line + 1}: {problem}"
         raise MQSAM2Error(f"{where}: invalid YAML ({problem}); fix the file") from None
+    if options is None:
+        raise MQSAM2Error(f"{path}: the config file is empty; write options into it (see configs/demo.yaml)")
+    if not isinstance(options, dict):
+        raise MQSAM2Error(
+            f"{path}: a config file holds options as `key: value` lines, not a {type(options).__name__}; "
+            "fix the file (see configs/demo.yaml)"
+        )
 
 
 def one_line_parser_error(message: str) -> str:

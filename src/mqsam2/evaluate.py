@@ -181,17 +181,20 @@ def evaluate_video_grid(
         for policy in policies
         for name in models
     }
-    for clip in clips:
+    reference_name = next((name for name, model in models.items() if model is fp_model), "the FP reference")
+    for number, clip in enumerate(clips, 1):
         prompts = clip_prompts(clip, prompt)
         for policy in policies:
             reference = None
             if fp_model is not None:
+                log.info("evaluate: %s, memory %s, clip %d of %d", reference_name, policy, number, len(clips))
                 with using_memory_policy(fp_model, policy):
                     reference = track(fp_model, clip, prompts)
             for name, model in models.items():
                 if model is fp_model:
                     pred = reference
                 else:
+                    log.info("evaluate: %s, memory %s, clip %d of %d", name, policy, number, len(clips))
                     with using_memory_policy(model, policy):
                         pred = track(model, clip, prompts)
                 vs_labels, vs_fp = scores[name, policy]

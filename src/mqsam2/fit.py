@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 import uuid
 from typing import TYPE_CHECKING
 
@@ -20,6 +19,7 @@ from mqsam2.config import FitConfig, parse_config
 from mqsam2.distributed import launched_externally, rank_and_world, relaunch_with_torchrun, requested_devices
 from mqsam2.files import write_text
 from mqsam2.slurm import install_requeue_handler
+from mqsam2.stages import StageTimes, charged, summary
 
 if TYPE_CHECKING:
     from mqsam2.rundir import RunDir
@@ -52,7 +52,7 @@ def wandb_logger(config: FitConfig, run: RunDir):
     if not id_file.exists():
         write_text(id_file, uuid.uuid4().hex[:12])
     online = bool(os.environ.get("WANDB_API_KEY")) or os.environ.get("WANDB_MODE") == "online"
-    return WandbLogger(
+    logger = WandbLogger(
         project=config.logging.project,
         entity=config.logging.entity,
         name=config.name,
@@ -61,28 +61,40 @@ def wandb_logger(config: FitConfig, run: RunDir):
         offline=not online,
         resume="allow",
     )
+    # Lightning 2.6 always passes `anonymous` to wandb.init, which wandb warns has no effect: leave it unset
+    logger._wandb_init.pop("anonymous", None)
+    return logger
 
 
 def run(config: FitConfig) -> dict:
     from mqsam2 import pipeline
 
-    start = time.perf_counter()
-    float_model = pipeline.load_float_model(config)
-    pipeline.check_units(float_model, config)
-    data = pipeline.load_data(config, float_model.image_size)
+    times = StageTimes()
+    with charged(times, "model and data"):
+        float_model = pipeline.load_float_model(config)
+        pipeline.check_units(float_model, config)
+        data = pipeline.load_data(config, float_model.image_size)
     run_dir = pipeline.prepare_run_dir(config)  # nothing is written before this point
     wandb = wandb_logger(config, run_dir)
     loggers = [wandb] if wandb else []
-    importance = pipeline.stage_importance(float_model, config, data.calibration, run_dir)
-    plan = pipeline.stage_allocation(importance, config, run_dir, loggers)
-    model = pipeline.stage_quantize(float_model, plan, config, data.calibration, run_dir)
-    pipeline.stage_reconstruct(model, float_model, config, data.calibration, run_dir, loggers)
+    with charged(times, "importance"):
+        importance = pipeline.stage_importance(float_model, config, data.calibration, run_dir)
+    with charged(times, "allocation"):
+        plan = pipeline.stage_allocation(importance, config, run_dir, loggers)
+    with charged(times, "quantize"):
+        model = pipeline.stage_quantize(float_model, plan, config, data.calibration, run_dir)
+    with charged(times, "reconstruct"):
+        pipeline.stage_reconstruct(model, float_model, config, data.calibration, run_dir, loggers)
     report = pipeline.summary(run_dir)
-    report["evaluation"] = pipeline.stage_evaluate(model, float_model, config, data, run_dir, loggers)
+    with charged(times, "evaluate"):
+        report["evaluation"] = pipeline.stage_evaluate(model, float_model, config, data, run_dir, loggers)
     if config.export:
-        report["export"] = pipeline.stage_export(model, config, run_dir)
-    report["seconds"] = round(time.perf_counter() - start, 1)
-    log.info("done in %.1f s: %s", report["seconds"], run_dir.path)
+        with charged(times, "export"):
+            report["export"] = pipeline.stage_export(model, config, run_dir)
+    report["seconds"] = {name: round(seconds, 1) for name, seconds in times.seconds.items()}
+    log.info("done in %.1f s (%s): %s", sum(times.seconds.values()), summary(times), run_dir.path)
+    for label, path in run_dir.results():
+        log.info("  %-11s %s", label, path)
     return report
 
 

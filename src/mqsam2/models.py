@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -30,6 +31,10 @@ _SIZE_ALIASES = {
     "l": "l", "large": "l",
 }  # fmt: skip
 VIDEO_PREDICTOR_TARGET = policy_target("fifo")  # the stock-SAM2 predictor
+META_RELEASE = re.compile(
+    r"sam2(\.1)?_hiera_(tiny|small|base_plus|large)\.pt"
+)  # file names of Meta's checkpoints
+META_PAGE = "Meta's SAM2 release page (github.com/facebookresearch/sam2, Model Checkpoints)"
 
 
 def canonical_size(size: str) -> str:
@@ -128,8 +133,24 @@ def matching_configs(state_dict: dict[str, torch.Tensor]) -> list[str]:
 
 
 def load_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read Meta's checkpoint format `{"model": state_dict}` with clear errors for the usual mistakes."""
-    payload = load_torch(path, "SAM2 checkpoint", "download it again from Meta's SAM2 release page")
+    """Read Meta's checkpoint format `{"model": state_dict}` with clear errors for the usual mistakes: only a
+    file named like one of Meta's releases is sent to Meta's page, any other (a trained model of this project,
+    a fine-tune) to its path."""
+    path = Path(path)
+    meta = META_RELEASE.fullmatch(path.name) is not None
+    if not path.is_file():
+        fix = (
+            f"download it from {META_PAGE}"
+            if meta
+            else f"check the path (relative paths start at {Path.cwd()})"
+        )
+        raise MQSAM2Error(f"SAM2 checkpoint not found: {path}; {fix}")
+    fix = (
+        f"download it again from {META_PAGE}"
+        if meta
+        else "copy it again, or give a file saved as {'model': state_dict}"
+    )
+    payload = load_torch(path, "SAM2 checkpoint", fix)
     if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
         raise MQSAM2Error(f"{path} is not a SAM2 checkpoint: expected Meta's format {{'model': state_dict}}")
     return payload["model"]

@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import json
 import logging
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -241,6 +242,32 @@ def summary(run: RunDir) -> dict:
     return {"run_dir": str(run.path), "units": run.unit_records()}
 
 
+def mixed_row(config: FitConfig, run: RunDir) -> dict:
+    """This run's model in the table: named by method and budget, with what its allocation spends on weights
+    (parameter-weighted) and on activations (element-weighted) from plan.json, beside the uniform rows'
+    widths: a shared-width plan meets the budget on weights only, so its activations may average more."""
+    weights, acts = run.bit_averages()
+    spent = f" (W{weights:.2f}/A{acts:.2f})" if weights is not None and acts is not None else ""
+    return {
+        "model": f"mixqsam2 Avg-{config.allocation.target_avg:g}{spent}",
+        "weight_avg_bits": weights,
+        "act_avg_bits": acts,
+    }
+
+
+def bits_note(rows: list[dict]) -> str:
+    """The caveat under a table whose quantized rows do not spend the same bits on both axes ('' if they do)."""
+    spent = [row for row in rows if row.get("weight_avg_bits") is not None]
+    weights = sorted({f"{row['weight_avg_bits']:.2f}" for row in spent})
+    acts = sorted({f"{row['act_avg_bits']:.2f}" for row in spent if row.get("act_avg_bits") is not None})
+    if len(weights) < 2 and len(acts) < 2:
+        return ""
+    return (
+        f"not an equal-bit comparison: the quantized rows' weights average {' / '.join(weights)} bits, their "
+        f"activations {' / '.join(acts)} bits (columns W bits, A bits)"
+    )
+
+
 def uniform_baseline(
     float_model: torch.nn.Module, bits: int, config: FitConfig, workload: Workload
 ) -> torch.nn.Module:
@@ -263,7 +290,22 @@ def stage_evaluate(
     if not cfg.enabled or not (data.val_videos or data.val_images):
         log.info("evaluation: skipped (%s)", "disabled" if not cfg.enabled else "no validation data")
         return {}
+    settings = dataclasses.asdict(cfg)
+    if run.metrics.is_file():
+        stored = json.loads(run.metrics.read_text())
+        if stored.get("evaluation") == settings:
+            log.info("evaluation: reusing %s", run.metrics)
+            return stored
+        if rank_and_world()[0] == 0:
+            shutil.rmtree(run.eval_dir, ignore_errors=True)  # the logs and overlays of other settings
     images = data.val_images if cfg.images else []
+    log.info(
+        "evaluation: %d clips and %d images; the validation loop, then %d models x memory %s",
+        len(data.val_videos),
+        len(images),
+        2 + len(cfg.baselines),
+        ", ".join(cfg.memory),
+    )
     module = EvaluationModule(
         model,
         float_model,
@@ -287,12 +329,14 @@ def stage_evaluate(
     validation = {k: float(v) for k, v in trainer.callback_metrics.items()}
     # The comparison table: every rank scores its share of the clips and images, the metrics sum over ranks.
     rank, world = rank_and_world()
-    models = {"FP": float_model}
+    models, spent = {"FP": float_model}, {"FP": {"weight_avg_bits": None, "act_avg_bits": None}}
     for bits in cfg.baselines:
-        models[f"W{bits}A{bits} ({config.quant.act_observer})"] = uniform_baseline(
-            float_model, bits, config, data.calibration
-        )
-    models[config.name] = model
+        name = f"W{bits}A{bits} ({config.quant.act_observer})"
+        models[name] = uniform_baseline(float_model, bits, config, data.calibration)
+        spent[name] = {"weight_avg_bits": float(bits), "act_avg_bits": float(bits)}
+    mixed = mixed_row(config, run)
+    models[mixed["model"]] = model
+    spent[mixed["model"]] = {k: v for k, v in mixed.items() if k != "model"}
     clips, image_share = data.val_videos[rank::world], images[rank::world]
     rows = (
         evaluate_video_grid(models, clips, float_model, cfg.memory, config.data.prompt, device)
@@ -301,6 +345,7 @@ def stage_evaluate(
     )
     if images:
         for name, candidate in models.items():
+            log.info("evaluate: %s, mask mAP on %d images", name, len(image_share))
             stats = mask_map(candidate, image_share, cfg.detections, metric=MaskMAP().to(device))
             fidelity = mask_map(
                 candidate, image_share, cfg.detections, reference=float_model, metric=MaskMAP().to(device)
@@ -308,14 +353,17 @@ def stage_evaluate(
             for row in rows:
                 if row["model"] == name:
                     row |= {"mAP": stats["mAP"], "fidelity/mAP": fidelity["mAP"]}
-    results = {"validation": validation, "table": rows}
+    for row in rows:
+        row |= spent.get(row["model"], {})
+    results = {"validation": validation, "table": rows, "note": bits_note(rows), "evaluation": settings}
     if rank != 0:
         return {"validation": validation}
     write_text(run.metrics, json.dumps(results, indent=1) + "\n")
     caveat = (
         "" if config.model.checkpoint else "; random-init weights: only the 'vs FP' columns mean something"
     )
-    log.info("evaluation (validation set%s):\n%s", caveat, format_table(rows))
+    note = f"\n{results['note']}" if results["note"] else ""
+    log.info("evaluation (validation set%s):\n%s%s", caveat, format_table(rows), note)
     return results
 
 
@@ -338,6 +386,8 @@ def format_table(rows: list[dict]) -> str:
     columns = [
         ("model", "model", "{}"),
         ("memory", "memory", "{}"),
+        ("weight_avg_bits", "W bits", "{:.2f}"),
+        ("act_avg_bits", "A bits", "{:.2f}"),
         ("J&F", "J&F vs GT", "{:.3f}"),
         ("fidelity/J&F", "J&F vs FP", "{:.3f}"),
         ("mAP", "mAP vs GT", "{:.3f}"),
@@ -345,7 +395,7 @@ def format_table(rows: list[dict]) -> str:
     ]
     present = [c for c in columns if any(c[0] in row for row in rows)]
     cells = [[title for _, title, _ in present]] + [
-        [fmt.format(row[key]) if key in row else "-" for key, _, fmt in present] for row in rows
+        [fmt.format(row[key]) if row.get(key) is not None else "-" for key, _, fmt in present] for row in rows
     ]
     widths = [max(len(r[i]) for r in cells) for i in range(len(present))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]

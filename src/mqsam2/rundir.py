@@ -28,6 +28,7 @@ from torch import nn
 from mqsam2.allocation import read_plan
 from mqsam2.config import FitConfig, config_dict, load_config, resume_identity
 from mqsam2.errors import MQSAM2Error
+from mqsam2.export.card import card_paths
 from mqsam2.files import TMP_SUFFIX, load_torch, make_folder, write_text
 from mqsam2.models import build_architecture, config_name
 from mqsam2.quant.swap import quantize
@@ -108,8 +109,24 @@ class RunDir:
         return self.path / "eval"
 
     @property
+    def overlays(self) -> Path:
+        return self.eval_dir / "overlays"
+
+    @property
     def export(self) -> Path:
         return self.path / "export" / "model.mq"
+
+    def results(self) -> list[tuple[str, Path]]:
+        """What a user looks at after a run, each that exists with what it is: the table, the card, the plan's
+        figure, the overlays and the deployable file."""
+        shown = [
+            ("metrics", self.metrics),
+            ("model card", card_paths(self.export)[0]),
+            ("allocation", self.allocation_figure),
+            ("overlays", self.overlays),
+            ("export", self.export),
+        ]
+        return [(label, path) for label, path in shown if path.exists()]
 
     @property
     def wandb_id(self) -> Path:
@@ -181,6 +198,14 @@ class RunDir:
             if self.phase_state(unit, phase).is_file() and self.phase_record(unit, phase).is_file()
         ]
         write_text(self.unit_log, "".join(lines))
+
+    def bit_averages(self) -> tuple[float | None, float | None]:
+        """What plan.json's allocation spends: the parameter-weighted weight and the element-weighted
+        activation bit-widths (None before the allocation, or where activations were not counted)."""
+        if not self.plan.is_file():
+            return None, None
+        report = json.loads(self.plan.read_text())
+        return report.get("average_bits"), report.get("act_average_bits") or None
 
     def unit_records(self) -> list[dict]:
         if not self.unit_log.is_file():

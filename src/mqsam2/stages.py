@@ -77,6 +77,14 @@ def stage(name: str) -> Iterator[None]:
     if times is None:
         yield
         return
+    with charged(times, name):
+        yield
+
+
+@contextlib.contextmanager
+def charged(times: StageTimes, name: str) -> Iterator[None]:
+    """Charge the block's wall-clock seconds to `name` in `times` (a collection of the caller's own, e.g. fit's
+    pipeline stages, which the library's finer marks do not enter)."""
     synchronize()
     start = time.perf_counter()
     try:

@@ -3,6 +3,7 @@ that tracks each item with the quantized and the float model and scores J&F and 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from mqsam2.memory.predictor import Prompt, VideoPredictor
 from mqsam2.metrics.coco import MaskMAP, against_reference, load_detections, predict_instances
 from mqsam2.metrics.jandf import JandF
 from mqsam2.models import TensorImagePredictor
+
+log = logging.getLogger(__name__)
 
 
 def rank_share(count: int, rank: int, world: int) -> list[int | None]:
@@ -140,6 +143,13 @@ class EvaluationModule(L.LightningModule):
     def validation_step(self, batch: ValidationItem | None, batch_idx: int) -> ClipTracks | None:
         if batch is None:  # a step that evens out the ranks' shares
             return None
+        log.info(
+            "validation loop: item %d of %d (%s), quantized and FP, memory %s",
+            batch_idx + 1,
+            self.trainer.num_val_batches[0],
+            batch.kind,
+            self.memory_policy or "of each model",
+        )
         if batch.kind == "clip":
             return self._score_clip(batch.sample)
         self._score_image(batch.sample)

@@ -13,12 +13,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-from mqsam2.cli import OneLineArgumentParser, run_command
+from mqsam2.cli import OneLineArgumentParser, count, run_command
 from mqsam2.data.build import BuildReport
 from mqsam2.data.coco import convert_coco
 from mqsam2.data.davis import convert_davis
 from mqsam2.data.sav import convert_sav
 from mqsam2.data.synth import write_synth
+from mqsam2.errors import MQSAM2Error
 
 
 def _size(text: str) -> int | tuple[int, int]:
@@ -49,15 +50,19 @@ def _common(parser: argparse.ArgumentParser, shard_size: int, what: str) -> None
         "--shard-size",
         "--maxcount",
         dest="shard_size",
-        type=int,
+        type=count(),
         default=shard_size,
         help=f"{what} per shard",
     )
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel processes")
+    parser.add_argument(
+        "--workers", type=count(), default=min(4, os.cpu_count() or 1), help="parallel processes"
+    )
     parser.add_argument("--skip-bad", action="store_true", help="log and count bad items instead of stopping")
 
 
 def _synth(args: argparse.Namespace) -> list[BuildReport]:
+    if args.videos == 0 and args.images == 0:
+        raise MQSAM2Error("nothing to write: --videos and --images are both 0; give either a positive count")
     return write_synth(
         args.out,
         args.videos,
@@ -129,15 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     synth = commands.add_parser("synth", help="synthetic SA-V-like clips and COCO-like images")
     _common(synth, 2, "videos")
-    synth.add_argument("--videos", type=int, default=8)
-    synth.add_argument("--frames", type=int, default=24)
+    synth.add_argument("--videos", type=count(0), default=8)
+    synth.add_argument("--frames", type=count(), default=24)
     synth.add_argument("--size", type=_size, default=256, help="S or HxW")
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--images", type=int, default=32)
+    synth.add_argument("--images", type=count(0), default=32)
     synth.add_argument("--image-size", type=_size, default=None, help="default: --size")
     synth.add_argument("--objects", type=_objects, default=(2, 5), help="objects per clip: N or LOW-HIGH")
-    synth.add_argument("--annotate-every", type=int, default=1, help="masks on every k-th frame (SA-V: 4)")
-    synth.add_argument("--image-shard-size", type=int, default=8, help="images per shard")
+    synth.add_argument(
+        "--annotate-every", type=count(), default=1, help="masks on every k-th frame (SA-V: 4)"
+    )
+    synth.add_argument("--image-shard-size", type=count(), default=8, help="images per shard")
     synth.set_defaults(run=_synth)
 
     sav = commands.add_parser("convert-sav", help="SA-V: JPEGImages_24fps + Annotations_6fps or sav_*.json")
@@ -145,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     sav.add_argument("--root", required=True, help="folder holding JPEGImages_24fps/")
     sav.add_argument("--manifests", default=None, help="folder of sav_*.json manifests (default: --root)")
     sav.add_argument("--split", default="val")
-    sav.add_argument("--clip-len", type=int, default=0, help="frames per sample (0: whole videos)")
+    sav.add_argument("--clip-len", type=count(0), default=0, help="frames per sample (0: whole videos)")
     sav.set_defaults(run=_sav)
 
     davis = commands.add_parser(
@@ -156,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     davis.add_argument("--split", default="val", help="reads ImageSets/2017/<split>.txt when present")
     davis.add_argument("--resolution", default="480p")
     davis.add_argument("--fps", type=float, default=24.0)
-    davis.add_argument("--clip-len", type=int, default=0, help="frames per sample (0: whole videos)")
+    davis.add_argument("--clip-len", type=count(0), default=0, help="frames per sample (0: whole videos)")
     davis.set_defaults(run=_davis)
 
     coco = commands.add_parser("convert-coco", help="COCO: images folder + instances json")

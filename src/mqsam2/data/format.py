@@ -29,7 +29,8 @@ SCHEMA_VERSION = 1
 META_FIELD = "json"
 MASKS_FIELD = "masks.json"
 IMAGE_FIELD = "jpg"
-FIX_SHARD = "rebuild the shard with `python -m mqsam2.data` or pass skip_bad=True to skip it"
+# a real way out wherever the shard is read: fit's data.*_shards options, or the loaders' shard lists
+FIX_SHARD = "rebuild the shard with `python -m mqsam2.data`, or leave it out of data.*_shards"
 
 RLE = dict[str, Any]
 Sample = dict[str, Any]

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from mqsam2.cli import OneLineArgumentParser, run_command
+from mqsam2.cli import OneLineArgumentParser, count, run_command
 from mqsam2.deploy.run import TARGETS, DeployRunConfig, deploy_dir, deploy_run
 
 
@@ -16,9 +16,11 @@ def parser() -> OneLineArgumentParser:
     parser = OneLineArgumentParser(prog="python -m mqsam2.deploy", description=__doc__)
     parser.add_argument("--run", type=Path, required=True, help="a finished fit run directory (runs/<name>)")
     parser.add_argument("--target", choices=TARGETS, required=True)
-    parser.add_argument("--threads", type=int, help="onnx: ONNX Runtime intra-op threads (default: its own)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls after one warm-up")
-    parser.add_argument("--images", type=int, default=4, help="images whose box prompts measure fidelity")
+    parser.add_argument(
+        "--threads", type=count(), help="onnx: ONNX Runtime intra-op threads (default: its own)"
+    )
+    parser.add_argument("--repeats", type=count(), default=5, help="timed calls after one warm-up")
+    parser.add_argument("--images", type=count(), default=4, help="images whose box prompts measure fidelity")
     parser.add_argument(
         "--low-bit-kernel",
         choices=["int8", "int4"],

@@ -199,12 +199,14 @@ def deploy_run(run_dir: str | Path, config: DeployRunConfig) -> dict:
     """Write the target's artefact and report into `run_dir/deploy/<target>/` and the model card; returns the
     report."""
     run_dir = Path(run_dir)
-    source = RunDir(run_dir).export
-    if not source.is_file():
+    run = RunDir(run_dir)
+    run.read_config()  # a folder that is no fit run is named as such, not sent to the export
+    if not run.export.is_file():
         raise MQSAM2Error(
-            f"run {run_dir} has no export ({source} is missing): finish the fit, or python -m mqsam2.export "
-            f"--run {run_dir}"
+            f"run {run_dir} has no export ({run.export} is missing): python -m mqsam2.export --run {run_dir} "
+            f"writes it once the run is finished (python -m mqsam2.fit --config {run.config_file} finishes it)"
         )
+    source = run.export
     model = load_export(source)
     prompts = _fidelity_prompts(run_dir, int(model.image_size), config.images)
     out = deploy_dir(run_dir, config.target)

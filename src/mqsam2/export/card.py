@@ -93,6 +93,7 @@ def run_details(config: FitConfig, run: RunDir) -> dict:
     data = config.data
     shards = data.video_shards or data.image_shards
     kept = [r["unit"] for r in run.unit_records() if r.get("kept_rtn")]
+    weights, acts = run.bit_averages()
     card = {
         "name": config.name,
         "run_dir": str(run.path),
@@ -110,6 +111,8 @@ def run_details(config: FitConfig, run: RunDir) -> dict:
         "method": {
             "allocation": config.allocation.method,
             "target_avg_bits": config.allocation.target_avg,
+            "weight_avg_bits": weights,
+            "act_avg_bits": acts,
             "candidates": list(config.allocation.candidates),
             "reconstruction": config.reconstruction.mode,
             "iters_per_unit": config.reconstruction.iters,
@@ -199,6 +202,7 @@ def _markdown(card: dict) -> str:
         f"Quantized SAM2 (`{card['model']['sam2_config']}`, {card['model']['image_size']} px input) in the "
         f"mqsam2 packed format, file `{card['file']}`.",
         "",
+        *_origin(card),
         "```python",
         "from mqsam2.export import load_export",
         f'model = load_export("{card["file"]}")  # video predictor; TensorImagePredictor(model) for images',
@@ -225,7 +229,8 @@ def _markdown(card: dict) -> str:
     if "method" in card:
         lines += ["## Method", "", *(f"- {k}: {v}" for k, v in card["method"].items()), ""]
     if "metrics" in card:
-        lines += ["## Metrics", "", *_metrics_table(card["metrics"]), ""]
+        note = card["metrics"].get("note")
+        lines += ["## Metrics", "", *_metrics_table(card["metrics"]), *(["", note] if note else []), ""]
     lines += ["## Size", "", "```", bytes_table(card), "```", ""]
     if "deployment" in card:
         lines += ["## Deployment", "", "| target | measure | value |", "|---|---|---|"]
@@ -238,15 +243,39 @@ def _markdown(card: dict) -> str:
     return "\n".join(lines)
 
 
+def _origin(card: dict) -> list[str]:
+    """Which float weights were quantized: a random init is said in so many words (its metrics are fidelity)."""
+    checkpoint = card.get("fp_checkpoint")
+    if checkpoint is None:
+        return []
+    if checkpoint.startswith("none"):
+        return [
+            "**The float weights were a seeded random init, not a trained SAM2**: this model segments nothing;"
+            " only its fidelity to that float model (the 'vs FP' columns) means something.",
+            "",
+        ]
+    return [f"Float weights: `{checkpoint}`.", ""]
+
+
 def _metrics_table(metrics: dict) -> list[str]:
     rows = metrics.get("table") or []
     if not rows:
         return [f"- {k}: {v:.4f}" for k, v in metrics.get("validation", {}).items()]
-    columns = [c for c in ("model", "memory", "J&F", "fidelity/J&F", "mAP", "fidelity/mAP") if c in rows[0]]
+    names = (
+        "model",
+        "memory",
+        "weight_avg_bits",
+        "act_avg_bits",
+        "J&F",
+        "fidelity/J&F",
+        "mAP",
+        "fidelity/mAP",
+    )
+    columns = [c for c in names if c in rows[0]]
     cells = [
         "| "
         + " | ".join(
-            f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in columns
+            f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c) or "-") for c in columns
         )
         + " |"
         for row in rows

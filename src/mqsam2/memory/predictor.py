@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, fields, is_dataclass
 
+import sam2.sam2_video_predictor as sam2_video
 import torch
 from sam2.sam2_video_predictor import SAM2VideoPredictor
 
@@ -127,11 +131,24 @@ class VideoPredictor(SAM2VideoPredictor):
             self.add_prompt(state, obj_id, prompt)
         obj_ids = list(prompts)
         masks = torch.zeros(len(obj_ids), len(frames), *video_size, dtype=torch.bool)
-        for frame_idx, out_ids, logits in self.propagate_in_video(state):
-            for row, obj_id in enumerate(out_ids):
-                if frame_idx >= prompts[obj_id].frame:
-                    masks[obj_ids.index(obj_id), frame_idx] = logits[row, 0].cpu() > 0
+        with without_sam2_bar():
+            for frame_idx, out_ids, logits in self.propagate_in_video(state):
+                for row, obj_id in enumerate(out_ids):
+                    if frame_idx >= prompts[obj_id].frame:
+                        masks[obj_ids.index(obj_id), frame_idx] = logits[row, 0].cpu() > 0
         return masks
+
+
+@contextlib.contextmanager
+def without_sam2_bar() -> Iterator[None]:
+    """sam2 draws a `propagate in video` progress bar for every propagation (dozens per evaluation, each one
+    model, policy and clip): its callers report their own progress, one line per pass, instead."""
+    bar = sam2_video.tqdm
+    sam2_video.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        sam2_video.tqdm = bar
 
 
 def state_nbytes(state: dict, skip: tuple[str, ...] = ("images",)) -> int:

@@ -14,9 +14,13 @@ MIN_BITS, MAX_BITS = 2, 8
 _EPS = torch.finfo(torch.float32).eps
 
 
-def check_bits(bits: int) -> int:
+def check_bits(bits: int, option: str | None = None) -> int:
+    """`bits` if it is a supported width; otherwise an error naming the `option` that gave it."""
     if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
-        raise MQSAM2Error(f"bit-width {bits!r} is not supported: use an integer in {MIN_BITS}..{MAX_BITS}")
+        where = f"{option}: " if option else ""
+        raise MQSAM2Error(
+            f"{where}bit-width {bits!r} is not supported: use an integer in {MIN_BITS}..{MAX_BITS}"
+        )
     return bits
 
 

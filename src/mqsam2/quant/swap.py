@@ -71,21 +71,18 @@ class QuantConfig:
     observer_sample_size: int = 1 << 20
 
     def __post_init__(self) -> None:
-        check_bits(self.bits)
+        check_bits(self.bits, "quant.bits")
         if self.attention_probs not in PROBABILITY_QUANTIZERS:
             raise MQSAM2Error(
                 f"attention_probs {self.attention_probs!r} is not a quantizer kind: use one of "
                 f"{', '.join(PROBABILITY_QUANTIZERS)}"
             )
-        for bits in (self.act_bits, self.attention_bits):
-            if bits is not None:
-                check_bits(bits)
-        for plan in (self.plan, self.act_plan):
-            for name, bits in (plan or {}).items():
-                try:
-                    check_bits(bits)
-                except MQSAM2Error as exc:
-                    raise MQSAM2Error(f"plan entry {name}: {exc}") from None
+        for key in ("act_bits", "attention_bits"):
+            if getattr(self, key) is not None:
+                check_bits(getattr(self, key), f"quant.{key}")
+        for key in ("plan", "act_plan"):
+            for name, bits in (getattr(self, key) or {}).items():
+                check_bits(bits, f"quant.{key} entry {name}")
         self.keep_fp = tuple(self.keep_fp)
 
 
