@@ -58,29 +58,6 @@ def _run(script: str, *args: str, tmp_path: Path) -> str:
             ],
             "fused vs old: capture",
         ),
-        (
-            "inference.py",
-            [
-                "--size",
-                "t",
-                "--image-size",
-                "64",
-                "--variants",
-                "bf16",
-                "avg4",
-                "--frames",
-                "2",
-                "--repeats",
-                "1",
-                "--warmup",
-                "1",
-                "--calib-frames",
-                "2",
-                "--calib-images",
-                "1",
-            ],
-            "| avg4 | float 16 / int4 ",
-        ),
         ("validation.py", ["--clips", "1", "--frames", "2", "--image-size", "64"], "| 1 | 0 |"),
         (
             "synth_regime.py",
@@ -88,7 +65,7 @@ def _run(script: str, *args: str, tmp_path: Path) -> str:
             "| 1-1 | 1 x 2 | 1 |",
         ),
     ],
-    ids=["allocation", "data", "memory", "reconstruction", "inference", "validation", "synth_regime"],
+    ids=["allocation", "data", "memory", "reconstruction", "validation", "synth_regime"],
 )
 def test_benchmark_runs_at_toy_size(script, args, expect, tmp_path):
     assert expect in _run(script, *args, tmp_path=tmp_path)

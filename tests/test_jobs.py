@@ -55,3 +55,18 @@ def test_grid_call_dry_run_makes_regime_shards_and_a_finished_grid(tmp_path):
     collected = {path.name.rsplit("_", 1)[-1] for path in (grid / "rows").iterdir()}
     assert collected == {"units.jsonl", "plan.json", "sensitivity.png"}
     assert len(list((grid / "rows").glob("mixqsam2-propagated-avg4-*_sensitivity.png"))) == 1
+
+
+@pytest.mark.slow
+def test_deploy_call_dry_run_measures_its_rows_at_toy_size(tmp_path):
+    """jobs/deploy_call.sh's CPU mode: the GPU tests collect (and skip), benchmarks/inference.py prints its table
+    and writes its JSON (this is also the inference benchmark's toy-size test)."""
+    env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        ["bash", "jobs/deploy_call.sh", "dry"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((tmp_path / "inference.json").read_text())["rows"]
+    assert [row["variant"] for row in rows] == ["bf16", "avg4"]
+    assert "| avg4 |" in (tmp_path / "inference.log").read_text()  # the table the GPU call records
+    assert not [row for row in rows if "error" in row]
