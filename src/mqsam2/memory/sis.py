@@ -21,6 +21,15 @@ from mqsam2.memory.predictor import VideoPredictor
 SIMILARITIES = ("flat", "per_location")
 
 
+def check_bank_settings(capacity: int, k: int, tau: float, similarity: str) -> None:
+    """A bank's SIS settings, one line each when wrong (shared with the ONNX tracker's numpy bank)."""
+    if k < 2 or capacity < k:
+        raise MQSAM2Error(
+            f"SIS needs 2 <= k <= capacity (k entries fuse into one), got k={k}, capacity={capacity}"
+        )
+    _check_settings(tau, similarity)
+
+
 def _check_settings(tau: float, similarity: str) -> None:
     if tau <= 0:
         raise MQSAM2Error(f"tau must be positive, got {tau}")
@@ -88,11 +97,7 @@ class MemoryBank:
     entries: list[MemoryEntry] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.k < 2 or self.capacity < self.k:
-            raise MQSAM2Error(
-                f"SIS needs 2 <= k <= capacity (k entries fuse into one), got k={self.k}, capacity={self.capacity}"
-            )
-        _check_settings(self.tau, self.similarity)
+        check_bank_settings(self.capacity, self.k, self.tau, self.similarity)
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 import ml_dtypes
 import numpy as np
 
-from mqsam2.errors import MQSAM2Error
+from mqsam2.memory.sis import check_bank_settings
 
-SIMILARITIES = ("flat", "per_location")
 COSINE_EPS = np.float32(1e-8)  # torch.nn.functional.cosine_similarity's
 
 
@@ -56,14 +55,7 @@ class MemoryBank:
     entries: list[BankEntry] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.k < 2 or self.capacity < self.k:
-            raise MQSAM2Error(
-                f"SIS needs 2 <= k <= capacity (k entries fuse into one), got k={self.k}, capacity={self.capacity}"
-            )
-        if self.tau <= 0:
-            raise MQSAM2Error(f"tau must be positive, got {self.tau}")
-        if self.similarity not in SIMILARITIES:
-            raise MQSAM2Error(f"unknown similarity {self.similarity!r}: use one of {', '.join(SIMILARITIES)}")
+        check_bank_settings(self.capacity, self.k, self.tau, self.similarity)
 
     def __len__(self) -> int:
         return len(self.entries)
