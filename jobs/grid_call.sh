@@ -52,6 +52,10 @@ collect() {  # the grid's results into $OUT/grid: cells, table, grid.json; per r
     done
 }
 
+pack() {  # a folder under $OUT as one archive: a call brings back at most 8 files
+    tar czf "$OUT/$1.tgz" -C "$OUT" "$1" && rm -rf "${OUT:?}/$1"
+}
+
 case $mode in
 dry)
     gen=${1:?dry needs the path of regime_clips.py}
@@ -86,11 +90,13 @@ grid)
     timeout -k 5 60 "$PY" -m mqsam2.compare "${grid_args[@]}" --model.checkpoint /tmp/m/sam21t_512_synth.pt \
         --report_only true 2>&1 | tail -n 40 | tee -a "$log"
     collect
+    pack grid
     ;;
 bench)
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$log"
     timeout -k 10 540 "$PY" benchmarks/grid.py --checkpoint /tmp/m/sam21t_512_synth.pt \
         --calib "$WORK/shards/calib" --val "$WORK/shards/val" --out "$OUT/bench" "$@" 2>&1 | tee -a "$log"
+    pack bench
     ;;
 *)
     echo "unknown mode $mode: use dry, data, grid or bench" >&2

@@ -85,6 +85,24 @@ def test_rows_need_distinct_names_and_a_known_baseline():
     assert Row("qsam2", 2, act_bits=4).name == "qsam2-w2a4" and Row("qsam2", 4).name == "qsam2-w4a4"
 
 
+def test_a_row_reconstructs_under_its_own_precision_and_capture_and_keeps_its_own_folder(tmp_path):
+    """Two engines on one row, side by side in one grid: the variant's recipe carries them, the plain row keeps
+    the grid's, and the variant gets a folder of its own; a capture mode that does not exist is refused."""
+    plain, fast = (
+        Row("qdrop", 4),
+        Row("qdrop", 4, precision="bf16-mixed", capture="shared", label="qdrop-fast"),
+    )
+    grid = Grid(CompareConfig(out_root=str(tmp_path), rows=[plain, fast], baseline="qdrop-w4a4"))
+    assert (grid.recipe(fast).reconstruction.precision, grid.recipe(fast).reconstruction.capture) == (
+        "bf16-mixed",
+        "shared",
+    )
+    assert grid.recipe(plain).reconstruction == grid.config.reconstruction
+    assert grid.row_key(fast) != grid.row_key(dataclasses.replace(fast, precision=None, capture=None))
+    with pytest.raises(MQSAM2Error, match="capture 'batched' is unknown"):
+        Row("qdrop", 4, capture="batched")
+
+
 def test_the_table_marks_rows_that_spend_more_bits_than_the_baseline_on_either_axis():
     """The uniform baseline has 4.00/4.00 bits; a mixed row at 4.00/4.53 (the paper's shared-width reading) and
     the float row are marked as unequal budgets, a row at 3.99/4.00 is not; the size column shows the MB."""
@@ -211,6 +229,8 @@ rows:
     learned = times["rows"]["mixqsam2-propagated-avg4"]
     assert learned["iters"] == 2 and min(learned[f"{s}_s"] for s in ("calibrate", "steps", "evaluate")) > 0
     assert times["rows"]["minmax-w4a4"]["steps_s"] == 0 and times["rows"]["fp"]["calibrate_s"] == 0
+    assert [call["rows"] for call in times["calls"]] == [["fp", "minmax-w4a4", "mixqsam2-propagated-avg4"]]
+    assert times["wall_s"] == times["calls"][0]["seconds"]
     caplog.clear()
     with caplog.at_level("INFO", logger="mqsam2"):
         assert main(["--config", str(config)]) == 0
@@ -236,6 +256,9 @@ rows:
     with caplog.at_level("INFO", logger="mqsam2"):
         assert main(["--config", str(config), "--report_only", "true"]) == 0
     assert "minmax-w4a4: not run yet" in caplog.text
+    # the grid's seconds add up over the calls that ran rows; a call with nothing to run adds none
+    calls = json.loads((out / "grid.json").read_text())["calls"]
+    assert len(calls) == 2 and sorted(calls[1]["rows"]) == ["fp", "minmax-w4a4"]
     assert not (out / "cells" / "minmax-w4a4__fifo.json").exists()
     table = (out / "table.md").read_text().splitlines()[2:]
     rows = [line.split(" | ")[0] for line in table if line.startswith("|")]

@@ -107,3 +107,14 @@ def test_a_workdir_keeps_the_calibrated_model_for_the_same_recipe_only(
     with torch.inference_mode():
         features = [m.forward_image(image.image[None])["vision_features"] for m in (first, again)]
     assert torch.equal(*features)
+
+
+@pytest.mark.gpu
+def test_a_resumed_row_runs_on_the_float_models_device(float_model, image_workload, tmp_path):
+    """The calibrated model is stored from the CPU; a row that resumes from it must track and train on the GPU,
+    as a fresh row does (on 2026-12-07 a resumed row's passes ran on the host, 20x slower)."""
+    on_gpu = copy.deepcopy(float_model).cuda()
+    recipe = Recipe(method="minmax", bits=4, quant=QuantConfig(observer_sample_size=4096), learn=False)
+    quantize_sam2(on_gpu, image_workload, recipe, tmp_path)
+    again = quantize_sam2(on_gpu, image_workload, recipe, tmp_path).model
+    assert {tensor.device.type for tensor in [*again.parameters(), *again.buffers()]} == {"cuda"}

@@ -219,8 +219,11 @@ def recipe_identity(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _stored_calibration(run: RunDir | None, recipe: Recipe) -> tuple[nn.Module, Allocation] | None:
-    """The calibrated model and allocation an earlier call left in `run` for this recipe, if any."""
+def _stored_calibration(
+    run: RunDir | None, recipe: Recipe, device: torch.device
+) -> tuple[nn.Module, Allocation] | None:
+    """The calibrated model and allocation an earlier call left in `run` for this recipe, if any, on `device`
+    (the float model's: a resumed row must track and train where a fresh one does)."""
     if run is None or not run.calibrated_model.exists():
         return None
     stored = torch.load(run.calibrated_model, map_location="cpu", weights_only=False)
@@ -228,7 +231,7 @@ def _stored_calibration(run: RunDir | None, recipe: Recipe) -> tuple[nn.Module, 
         log.info("quantize: %s belongs to another recipe, calibrating again", run.calibrated_model)
         return None
     log.info("quantize: reusing the calibrated model in %s", run.calibrated_model)
-    return stored["model"], stored["allocation"]
+    return stored["model"].to(device), stored["allocation"]
 
 
 def _allocate_and_calibrate(
@@ -268,7 +271,7 @@ def quantize_sam2(
     `allocator` measure their own)."""
     method = recipe.resolved
     run = None if workdir is None else workdir if isinstance(workdir, RunDir) else RunDir(workdir)
-    stored = _stored_calibration(run, recipe)
+    stored = _stored_calibration(run, recipe, next(float_model.parameters()).device)
     if stored is not None:
         model, allocation = stored
     else:

@@ -22,6 +22,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -39,6 +41,7 @@ from mqsam2.config import (
     EvaluationConfig,
     FitConfig,
     ModelConfig,
+    Precision,
     ReconstructionConfig,
     changed_identity,
     parse_arguments,
@@ -53,6 +56,7 @@ from mqsam2.metrics.coco import mask_map
 from mqsam2.metrics.jandf import JandF
 from mqsam2.quant import quantize, weight_megabytes
 from mqsam2.quant.swap import QuantConfig
+from mqsam2.reconstruct.capture import CAPTURE_MODES
 from mqsam2.rundir import RunDir
 from mqsam2.stages import StageTimes, collecting, stage, summary, synchronize
 
@@ -65,9 +69,10 @@ class Row:
     {b-1, b, b+1} unless given). `memory` and `iters` override the grid's policies and reconstruction
     iterations for this row; `iters: 0` stops a learning method after calibration (its round-to-nearest
     ablation); `activations` overrides a mixed method's activation mode (shared, fixed or separate);
-    `low_bit_iters` the reconstruction's extra iterations for units with narrower layers; `baseline` the
-    row this one's fidelity is compared with, instead of the grid's (e.g. round-to-nearest rows against the
-    best uniform observer, learned rows against uniform QDrop)."""
+    `low_bit_iters` the reconstruction's extra iterations for units with narrower layers; `precision` and
+    `capture` its Trainer precision and capture mode (the same row under two engines, side by side on shared
+    float artifacts); `baseline` the row this one's fidelity is compared with, instead of the grid's (e.g.
+    round-to-nearest rows against the best uniform observer, learned rows against uniform QDrop)."""
 
     method: str
     bits: float = 4
@@ -78,9 +83,15 @@ class Row:
     act_bits: int | None = None
     activations: str | None = None
     low_bit_iters: float | None = None
+    precision: Precision | None = None
+    capture: str | None = None
     baseline: str | None = None
 
     def __post_init__(self) -> None:
+        if self.capture is not None and self.capture not in CAPTURE_MODES:
+            raise MQSAM2Error(
+                f"row {self.method}: capture {self.capture!r} is unknown: use one of {', '.join(CAPTURE_MODES)}"
+            )
         if self.activations is not None:
             if self.activations not in ACTIVATION_MODES:
                 raise MQSAM2Error(
@@ -380,8 +391,8 @@ class Grid:
         rec = self.config.reconstruction
         if row.iters:
             rec = dataclasses.replace(rec, iters=row.iters)
-        if row.low_bit_iters is not None:
-            rec = dataclasses.replace(rec, low_bit_iters=row.low_bit_iters)
+        overrides = {"low_bit_iters": row.low_bit_iters, "precision": row.precision, "capture": row.capture}
+        rec = dataclasses.replace(rec, **{k: v for k, v in overrides.items() if v is not None})
         method = get_method(row.method)
         if row.activations:
             method = dataclasses.replace(method, activations=row.activations)
@@ -452,43 +463,49 @@ class Grid:
     # ----------------------------------------------------------------------------------------------- run
 
     def run(self) -> dict:
-        start = time.perf_counter()
         self.dir.mkdir(parents=True, exist_ok=True)
         _write_json(self.dir / "config.json", {"rows": [asdict(r) for r in self.config.rows], **self.shared})
         pending = [index for index, row in enumerate(self.config.rows) if not self.finished(row)]
         failed: dict[str, str] = {}
+        clock = CallClock(self.dir / "calls.json")
         if self.config.report_only:
             failed = {self.config.rows[index].name: "not run yet" for index in pending}
-        elif self.config.jobs > 1 and len(pending) > 1:
-            self.prepare_shared(pending)
-            jobs = min(self.config.jobs, len(pending))
-            log.info("%d rows to run in %d processes", len(pending), jobs)
-            with get_context("spawn").Pool(jobs, _worker_start, (self.config,)) as pool:
-                outcomes = pool.imap_unordered(_worker_row, pending)
-                failed = {name: error for name, error in self._logged(outcomes) if error}
-        else:
-            outcomes = ((self.config.rows[index].name, self.try_row(index)) for index in pending)
-            failed = {name: error for name, error in self._logged(outcomes) if error}
+        elif pending:
+            with clock.running():
+                failed = self.run_pending(pending, clock)
         results = {
             row.name: self.run_row(index)
             for index, row in enumerate(self.config.rows)
             if row.name not in failed
         }
         report = self.report(results)
-        _write_json(self.dir / "grid.json", grid_times(results, time.perf_counter() - start))
+        _write_json(self.dir / "grid.json", grid_times(results, clock.records))
         log.info("compare: %s\n%s", self.dir / "table.md", report)
         if failed:
             lines = "\n".join(f"  {name}: {error}" for name, error in failed.items())
             log.warning("%d rows left out of the report:\n%s", len(failed), lines)
         return results
 
+    def run_pending(self, pending: list[int], clock: CallClock) -> dict[str, str]:
+        """Run the unfinished rows (in `jobs` processes when asked); the failed ones with their errors."""
+        if self.config.jobs > 1 and len(pending) > 1:
+            self.prepare_shared(pending)
+            jobs = min(self.config.jobs, len(pending))
+            log.info("%d rows to run in %d processes", len(pending), jobs)
+            with get_context("spawn").Pool(jobs, _worker_start, (self.config,)) as pool:
+                outcomes = pool.imap_unordered(_worker_row, pending)
+                return {name: error for name, error in self._logged(outcomes, clock) if error}
+        outcomes = ((self.config.rows[index].name, self.try_row(index)) for index in pending)
+        return {name: error for name, error in self._logged(outcomes, clock) if error}
+
     @staticmethod
-    def _logged(outcomes):
+    def _logged(outcomes, clock: CallClock):
         for name, error in outcomes:
             if error:
                 log.error("row %s failed: %s", name, error)
             else:
                 log.info("row %s finished", name)
+                clock.finished(name)
             yield name, error
 
     def stored_cells(self, row: Row) -> tuple[dict, dict | None, bool]:
@@ -638,9 +655,39 @@ def units_made_worse(run: RunDir) -> list[dict]:
     return sorted(worse, key=lambda w: w["before"] / w["after"] if w["after"] else 0.0)
 
 
-def grid_times(results: dict, wall_s: float) -> dict:
-    """Where the grid's time went: the device, this call's wall-clock seconds, and per row its iterations and
-    seconds per stage (evaluation summed over the row's memory policies), from the cells."""
+class CallClock:
+    """The wall-clock seconds of every call that worked on the grid, kept in `path` after each finished row, so a
+    call stopped by its time limit still counts up to its last row, and a grid finished over several calls
+    reports its whole time (a report-only call adds nothing)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: list[dict] = json.loads(path.read_text()) if path.exists() else []
+        self.began = 0.0
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """One call's rows: its record is stamped when they end, also when SIGTERM stops them."""
+        self.began = time.perf_counter()
+        self.records.append({"seconds": 0.0, "rows": []})
+        try:
+            yield
+        finally:
+            self._stamp()
+
+    def finished(self, row: str) -> None:
+        self.records[-1]["rows"].append(row)
+        self._stamp()
+
+    def _stamp(self) -> None:
+        self.records[-1]["seconds"] = round(time.perf_counter() - self.began, 1)
+        _write_json(self.path, self.records)
+
+
+def grid_times(results: dict, calls: list[dict]) -> dict:
+    """Where the grid's time went: the device, the wall-clock seconds of the calls that ran its rows (each
+    call's seconds and the rows it finished under `calls`), and per row its iterations and seconds per stage
+    (evaluation summed over the row's memory policies), from the cells."""
     rows = {}
     for name, result in results.items():
         cells = [cell for cell in result["cells"].values() if cell and "times" in cell]
@@ -650,7 +697,8 @@ def grid_times(results: dict, wall_s: float) -> dict:
         times["evaluate_s"] = round(sum(cell["times"]["evaluate_s"] for cell in cells), 2)
         rows[name] = {"iters": cells[0].get("iters", 0), **times}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
-    return {"device": device, "wall_s": round(wall_s, 1), "rows": rows}
+    wall_s = round(sum(call["seconds"] for call in calls), 1)
+    return {"device": device, "wall_s": wall_s, "calls": calls, "rows": rows}
 
 
 def pack_masks(masks: torch.Tensor) -> dict:

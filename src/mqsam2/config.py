@@ -125,6 +125,9 @@ class AllocationConfig:
         check_budget(self.candidates, self.target_avg, self.error, self.method)
 
 
+Precision = Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"]
+
+
 @dataclass
 class ReconstructionConfig:
     """Block-wise reconstruction (method.md §5); `iters` per unit, Lightning Trainer settings alongside;
@@ -156,7 +159,8 @@ class ReconstructionConfig:
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = field(default="auto", metadata=RUNTIME)
     devices: int | Literal["auto"] = field(default="auto", metadata=RUNTIME)
     strategy: str = field(default="auto", metadata=RUNTIME)
-    precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"] = "32-true"
+    # bf16/16 precisions also turn TF32 on for what runs in float32 during the steps
+    precision: Precision = "32-true"
     cache_device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=RUNTIME)
     cache_gb: float | None = field(default=None, metadata=RUNTIME)
     cache_bf16: bool = True

@@ -41,6 +41,7 @@ from mqsam2.reconstruct.phases import Phase, phases
 from mqsam2.reconstruct.placement import CachePolicy, host_budget
 from mqsam2.reconstruct.report import plot_loss_curve, read_metrics
 from mqsam2.reconstruct.rounding import BetaSchedule
+from mqsam2.reconstruct.tf32 import TensorFloat32
 from mqsam2.reconstruct.units import Unit, reconstruction_units
 from mqsam2.slurm import lightning_requeues
 from mqsam2.stages import stage
@@ -186,7 +187,7 @@ class Reconstructor:
             **trainer_layout(config.strategy),
             precision=config.precision,
             logger=loggers,
-            callbacks=[checkpoint, progress_bar(iters), *self.callbacks],
+            callbacks=[checkpoint, progress_bar(iters), TensorFloat32(), *self.callbacks],
             default_root_dir=phase_dir,
             enable_model_summary=False,
             num_sanity_val_steps=0,
