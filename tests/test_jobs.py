@@ -60,13 +60,40 @@ def test_grid_call_dry_run_makes_regime_shards_and_a_finished_grid(tmp_path):
 @pytest.mark.slow
 def test_deploy_call_dry_run_measures_its_rows_at_toy_size(tmp_path):
     """jobs/deploy_call.sh's CPU mode: the GPU tests collect (and skip), benchmarks/inference.py prints its table
-    and writes its JSON (this is also the inference benchmark's toy-size test)."""
+    and writes its JSON, with each row's phases, and the profiles come packed (this is also the inference
+    benchmark's toy-size test)."""
     env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         ["bash", "jobs/deploy_call.sh", "dry"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = json.loads((tmp_path / "inference.json").read_text())["rows"]
-    assert [row["variant"] for row in rows] == ["bf16", "avg4"]
+    saved = json.loads((tmp_path / "inference.json").read_text())
+    rows = saved["rows"]
+    assert saved["complete"] and [row["variant"] for row in rows] == ["bf16", "avg4"]
     assert "| avg4 |" in (tmp_path / "inference.log").read_text()  # the table the GPU call records
     assert not [row for row in rows if "error" in row]
+    assert {"image", "video", "profile"} <= set(rows[1]["phase_s"]) and "source" in rows[1]["phase_s"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "bench-data",
+        "gpu_tests.log",
+        "inference.json",
+        "inference.log",
+        "profiles.tgz",
+    ]
+
+
+def test_inference_report_prints_the_recorded_gpu_rows():
+    """`benchmarks/inference.py --report` renders saved rows (a cut-off call's, several calls' in one table)."""
+    recorded = ROOT / "docs" / "gpu" / "deploy_2026-12-07" / "inference.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/inference.py", "--report", str(recorded)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    bf16, compiled = (line for line in done.stdout.splitlines() if line.startswith("| bf16"))
+    assert bf16.startswith("| bf16 | bf16 autocast | 67.54 | 0.56x |")  # image rates against bf16+compile
+    assert compiled.startswith("| bf16+compile | bf16 autocast | 120.12 | 1.00x |")
