@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The accuracy grid of configs/compare/sam21t_512_regime.yaml in GPU calls of at most 10 minutes, on clips in
 # the trained model's regime (../shared/data/regime_clips.py, DAVIS layout, converted to shards). Logs and
-# results go to $OUT; the grid's folder stays under $WORK so a later call on the same warm machine goes on.
+# results go to $OUT (folders as .tgz: a call brings back at most 8 files); the grid's folder stays under $WORK
+# so a later call on the same warm machine goes on, and a fresh machine starts from the cells committed under
+# docs/gpu/<grid>/ (`seed`: a cell whose settings changed is recomputed).
 #
 #   bash jobs/grid_call.sh dry GENERATOR [ARGS]   # CPU, toy size, random-init model: the whole path (4 min;
 #                                                 # ARGS go to compare, e.g. --rows to run fewer)
@@ -44,12 +46,22 @@ collect() {  # the grid's results into $OUT/grid: cells, table, grid.json; per r
     local dir
     dir="$WORK/cmp/$(basename "$CONFIG" .yaml)"
     mkdir -p "$OUT/grid"
-    (cd "$dir" && cp -r cells table.md table.png per_clip.json grid.json config.json importance.json \
-        "$OUT/grid/" 2>/dev/null)
+    (cd "$dir" && cp -r cells table.md table.png per_clip.json grid.json calls.json config.json importance.json \
+        importance.key "$OUT/grid/" 2>/dev/null)
     for file in units.jsonl plan.json sensitivity.png; do
         find "$dir/rows" -name "$file" -exec sh -c \
             'mkdir -p "$2/rows" && cp "$1" "$2/rows/$(basename "$(dirname "$1")")_$3"' _ {} "$OUT/grid" "$file" \;
     done
+}
+
+seed() {  # what earlier sessions' calls finished and docs/gpu/<grid>/ keeps: cells and importance (keys checked)
+    local done=docs/gpu/$(basename "$CONFIG" .yaml) dir
+    dir="$WORK/cmp/$(basename "$CONFIG" .yaml)"
+    [ -d "$done/cells" ] || return 0
+    mkdir -p "$dir/cells"
+    cp -n "$done"/cells/*.json "$dir/cells/"
+    [ -f "$done/importance.key" ] && cp -n "$done/importance.json" "$done/importance.key" "$dir/"
+    echo "seeded $(ls "$done/cells" | wc -l) finished cells from $done"
 }
 
 pack() {  # a folder under $OUT as one archive: a call brings back at most 8 files
@@ -83,6 +95,7 @@ grid)
     echo "0431afffbadc398c19ba5b9b1ad02e7b782db6cbeb344a614742be002fa3f722  /tmp/m/sam21t_512_synth.pt" \
         | sha256sum -c - || exit 1
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$log"
+    seed | tee -a "$log"
     start=$(date +%s)
     timeout -k 10 "$seconds" "$PY" -m mqsam2.compare "${grid_args[@]}" \
         --model.checkpoint /tmp/m/sam21t_512_synth.pt 2>&1 | tee -a "$log"
