@@ -2,8 +2,8 @@
 # The accuracy grid of configs/compare/sam21t_512_regime.yaml in GPU calls of at most 10 minutes, on clips in
 # the trained model's regime (../shared/data/regime_clips.py, DAVIS layout, converted to shards). Logs and
 # results go to $OUT (folders as .tgz: a call brings back at most 8 files); the grid's folder stays under $WORK
-# so a later call on the same warm machine goes on, and a fresh machine starts from the cells committed under
-# docs/gpu/<grid>/ (`seed`: a cell whose settings changed is recomputed).
+# so a later call on the same warm machine goes on, and a fresh machine takes the cells committed under
+# docs/gpu/<grid>/ and docs/gpu/sam21t_512_regime/ (compare's `reuse`: only cells with this grid's keys).
 #
 #   bash jobs/grid_call.sh dry GENERATOR [ARGS]   # CPU, toy size, random-init model: the whole path (4 min;
 #                                                 # ARGS go to compare, e.g. --rows to run fewer)
@@ -54,16 +54,6 @@ collect() {  # the grid's results into $OUT/grid: cells, table, grid.json; per r
     done
 }
 
-seed() {  # what earlier sessions' calls finished and docs/gpu/<grid>/ keeps: cells and importance (keys checked)
-    local done=docs/gpu/$(basename "$CONFIG" .yaml) dir
-    dir="$WORK/cmp/$(basename "$CONFIG" .yaml)"
-    [ -d "$done/cells" ] || return 0
-    mkdir -p "$dir/cells"
-    cp -n "$done"/cells/*.json "$dir/cells/"
-    [ -f "$done/importance.key" ] && cp -n "$done/importance.json" "$done/importance.key" "$dir/"
-    echo "seeded $(ls "$done/cells" | wc -l) finished cells from $done"
-}
-
 pack() {  # a folder under $OUT as one archive: a call brings back at most 8 files
     tar czf "$OUT/$1.tgz" -C "$OUT" "$1" && rm -rf "${OUT:?}/$1"
 }
@@ -95,9 +85,12 @@ grid)
     echo "0431afffbadc398c19ba5b9b1ad02e7b782db6cbeb344a614742be002fa3f722  /tmp/m/sam21t_512_synth.pt" \
         | sha256sum -c - || exit 1
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$log"
-    seed | tee -a "$log"
+    reuse=()  # what earlier sessions finished, committed under docs/gpu/<grid>/ (keys checked)
+    for done in "docs/gpu/$(basename "$CONFIG" .yaml)" docs/gpu/sam21t_512_regime; do
+        [ -d "$done/cells" ] && reuse+=("$done")
+    done
     start=$(date +%s)
-    timeout -k 10 "$seconds" "$PY" -m mqsam2.compare "${grid_args[@]}" \
+    timeout -k 10 "$seconds" "$PY" -m mqsam2.compare "${grid_args[@]}" --reuse "[$(IFS=,; echo "${reuse[*]}")]" \
         --model.checkpoint /tmp/m/sam21t_512_synth.pt 2>&1 | tee -a "$log"
     echo "grid call: $(( $(date +%s) - start )) s" | tee -a "$log"
     timeout -k 5 60 "$PY" -m mqsam2.compare "${grid_args[@]}" --model.checkpoint /tmp/m/sam21t_512_synth.pt \

@@ -235,6 +235,13 @@ rows:
     with caplog.at_level("INFO", logger="mqsam2"):
         assert main(["--config", str(config)]) == 0
     assert caplog.text.count("finished earlier") == 3
+    # another grid with the same settings takes the finished cells and the importance instead of running them
+    caplog.clear()
+    with caplog.at_level("INFO", logger="mqsam2"):
+        assert main(["--config", str(config), "--name", "toy2", "--reuse", f"[{out}]"]) == 0
+    assert caplog.text.count("reused") == 3 and "float model under" not in caplog.text
+    assert (tmp_path / "out" / "toy2" / "importance.key").read_text() == (out / "importance.key").read_text()
+    assert (tmp_path / "out" / "toy2" / "table.md").read_text() == table
     # Parallel rows: two cells removed and recomputed in two processes, against the stored float masks
     first = {
         name: json.loads((out / "cells" / f"{name}__fifo.json").read_text()) for name in ("fp", "minmax-w4a4")

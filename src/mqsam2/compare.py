@@ -111,6 +111,9 @@ class Row:
         return f"{self.method}-{width}"
 
 
+REPORT_ONLY_FIELDS = ("baseline",)  # Row fields that change the table, never a cell: not in a row's key
+
+
 @dataclass
 class BootstrapConfig:
     """Paired per-clip bootstrap of each cell's difference to the baseline row."""
@@ -146,6 +149,9 @@ class CompareConfig:
     gain_samples: list[int] = field(default_factory=lambda: list(api.GAIN_SAMPLES))
     # Write the report from the cells stored so far and run nothing (rows not finished are left out)
     report_only: bool = False
+    # Folders of other grids (or their committed copies) whose finished cells and importance are taken where
+    # their settings' keys equal this grid's: a row finished in one grid is not run again in another
+    reuse: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.jobs < 1:
@@ -276,9 +282,13 @@ class Grid:
 
     def row_key(self, row: Row) -> str:
         """The row's settings that differ from a Row's defaults (an option added later at its default keeps
-        finished rows) and the grid's shared settings."""
+        finished rows), less those only the report reads, and the grid's shared settings."""
         defaults = {f.name: f.default for f in dataclasses.fields(Row)}
-        settings = {k: v for k, v in asdict(row).items() if k not in defaults or v != defaults[k]}
+        settings = {
+            k: v
+            for k, v in asdict(row).items()
+            if k not in REPORT_ONLY_FIELDS and (k not in defaults or v != defaults[k])
+        }
         return _key({"row": settings, "shared": self.shared})
 
     def cell_path(self, row: Row, policy: str) -> Path:
@@ -290,12 +300,13 @@ class Grid:
     def policies(self, row: Row) -> list[str]:
         return row.memory or self.config.memory
 
-    def load_cell(self, path: Path, key: str) -> dict | None:
+    def load_cell(self, path: Path, key: str, quiet: bool = False) -> dict | None:
         if not path.exists():
             return None
         cell = json.loads(path.read_text())
         if cell.get("key") != key:
-            log.info("  %s: settings changed since it was scored, recomputing", path.name)
+            if not quiet:
+                log.info("  %s: settings changed since it was scored, recomputing", path.name)
             return None
         return cell
 
@@ -364,6 +375,10 @@ class Grid:
     def needs_gains(self) -> bool:
         return any(get_method(row.method).error == "propagated" for row in self.config.rows)
 
+    def importance_key(self) -> str:
+        gains = self.config.gain_samples if self.needs_gains() else None
+        return _key({"shared": self.shared, "widths": self.measured_widths(), "gains": gains})
+
     def shared_importance(self) -> dict[str, LayerImportance]:
         """Importance (with the measured tables for every width any row needs, and the downstream gains when a
         row needs them), once per grid."""
@@ -372,7 +387,7 @@ class Grid:
             key_path = self.dir / "importance.key"
             widths = self.measured_widths()
             gains = self.config.gain_samples if self.needs_gains() else None
-            key = _key({"shared": self.shared, "widths": widths, "gains": gains})
+            key = self.importance_key()
             if path.exists() and key_path.exists() and key_path.read_text() == key:
                 self.importance = read_importance(path)
             else:
@@ -465,6 +480,7 @@ class Grid:
     def run(self) -> dict:
         self.dir.mkdir(parents=True, exist_ok=True)
         _write_json(self.dir / "config.json", {"rows": [asdict(r) for r in self.config.rows], **self.shared})
+        self.take_reusable()
         pending = [index for index, row in enumerate(self.config.rows) if not self.finished(row)]
         failed: dict[str, str] = {}
         clock = CallClock(self.dir / "calls.json")
@@ -485,6 +501,23 @@ class Grid:
             lines = "\n".join(f"  {name}: {error}" for name, error in failed.items())
             log.warning("%d rows left out of the report:\n%s", len(failed), lines)
         return results
+
+    def take_reusable(self) -> None:
+        """Copy in the cells (and the importance) that a `reuse` folder finished under the same keys."""
+        for folder in map(Path, self.config.reuse):
+            if not folder.is_dir():
+                raise MQSAM2Error(f"reuse folder {folder} does not exist: name a grid's folder, or drop it")
+            for row in self.config.rows:
+                key = self.row_key(row)
+                for path in (*(self.cell_path(row, p) for p in self.policies(row)), self.images_path(row)):
+                    theirs = folder / "cells" / path.name
+                    if not path.exists() and theirs.exists() and self.load_cell(theirs, key, quiet=True):
+                        write_text(path, theirs.read_text())
+                        log.info("  %s: finished in %s, reused", path.name, folder)
+            key, theirs = self.dir / "importance.key", folder / "importance.key"
+            if not key.exists() and theirs.exists() and theirs.read_text() == self.importance_key():
+                write_text(self.dir / "importance.json", (folder / "importance.json").read_text())
+                write_text(key, theirs.read_text())
 
     def run_pending(self, pending: list[int], clock: CallClock) -> dict[str, str]:
         """Run the unfinished rows (in `jobs` processes when asked); the failed ones with their errors."""
