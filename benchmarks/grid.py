@@ -58,6 +58,7 @@ def grid_config(args: argparse.Namespace, variant: str) -> CompareConfig:
     )
     reconstruction = ReconstructionConfig(
         iters=args.iters,
+        units=args.units,
         precision=settings["precision"],
         capture=settings["capture"],
         accelerator="auto",
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("--val-videos", type=int, default=None)
     cli.add_argument("--val-frames", type=int, default=None)
     cli.add_argument("--observer-sample-size", type=int, default=1 << 20)
+    cli.add_argument("--units", nargs="+", help="reconstruct only these units (default: all)")
     args = cli.parse_args(argv)
     toy = args.checkpoint is None
     if not toy and (args.calib is None or args.val is None):

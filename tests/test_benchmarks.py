@@ -79,6 +79,9 @@ def test_grid_benchmark_prints_the_old_and_new_engine_side_by_side(tmp_path):
         "new,old",
         "--observer-sample-size",
         "4096",
+        "--units",  # a Hiera block (captured once) and a loop unit (replayed: where the engines differ)
+        "image_encoder.trunk.blocks.11",
+        "memory_attention.layers.0",
         "--out",
         "bench",
         tmp_path=tmp_path,

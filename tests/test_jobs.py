@@ -36,6 +36,8 @@ def test_grid_call_dry_run_makes_regime_shards_and_a_finished_grid(tmp_path):
             rows,
             "--quant.observer_sample_size",
             "4096",
+            "--reconstruction.units",  # a Hiera block and a loop unit: both capture paths, a tenth of the steps
+            "[image_encoder.trunk.blocks.11, memory_attention.layers.0]",
         ],
         cwd=ROOT,
         env=env,
