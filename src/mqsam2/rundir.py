@@ -150,7 +150,14 @@ class RunDir:
 
     def finished_work(self) -> list[Path]:
         """Artifacts that mean some stage has done work under the saved config."""
-        fixed = [self.importance, self.plan, self.calibrated, self.metrics, self.export]
+        fixed = [
+            self.importance,
+            self.plan,
+            self.calibrated,
+            self.calibrated_model,
+            self.metrics,
+            self.export,
+        ]
         units = self.path / "units"
         return [p for p in fixed if p.exists()] + (sorted(units.glob("*/*")) if units.is_dir() else [])
 
