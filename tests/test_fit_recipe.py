@@ -77,12 +77,12 @@ class CoarseMSE(MSEObserver):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("method", "label"), [("minmax", None), ("qdrop", None), ("mixqsam2", "mixqsam2 Avg-4")]
+    ("method", "label"), [("minmax", "minmax W4A4"), ("qdrop", None), ("mixqsam2", None)]
 )
 def test_a_fitted_recipe_exports_the_model_quantize_sam2_makes_for_it(method, label, tmp_path, monkeypatch):
     """A uniform observer method, a reconstruction method and a mixed one, each fitted as a run of its own:
-    the reloaded export holds the weights and activation steps of the model the library makes alone; the
-    evaluated run (one, for time) names its row in the table by method and budget."""
+    the reloaded export and the run directory hold the weights and activation steps of the model the library
+    makes alone; the evaluated run (one, for time) names its row in the table by method and width."""
     monkeypatch.setitem(OBSERVERS, "mse", CoarseMSE)
     path = tmp_path / "fit.yaml"
     path.write_text(TOY.format(name=method, root=tmp_path, method=method, evaluate=label is not None))
@@ -93,18 +93,19 @@ def test_a_fitted_recipe_exports_the_model_quantize_sam2_makes_for_it(method, la
     recipe = api.Recipe(method, 4, quant=config.quant, reconstruction=config.reconstruction)
     alone = api.quantize_sam2(float_model, workload, recipe, tmp_path / "alone").model
     run = RunDir.of(config)
-    loaded = load_export(run.export)
     expected = quantized_layers(alone)
-    assert quantized_layers(loaded).keys() == expected.keys()
-    for name, layer in quantized_layers(loaded).items():
-        assert layer.bits == expected[name].bits and torch.equal(
-            layer.weight, expected[name].quantized_weight()
-        )
     steps = {n: (m.bits, float(m.scale)) for n, m in alone.named_modules() if isinstance(m, ActQuantizer)}
-    assert {
-        n: (m.bits, float(m.scale)) for n, m in loaded.named_modules() if isinstance(m, ActQuantizer)
-    } == steps
+    for reloaded in (load_export(run.export), run.load_model()[0]):  # the file, and the run directory
+        layers = quantized_layers(reloaded)
+        assert layers.keys() == expected.keys()
+        for name, layer in layers.items():
+            assert layer.bits == expected[name].bits
+            assert torch.equal(layer.quantized_weight(), expected[name].quantized_weight()), name
+        acts = {
+            n: (m.bits, float(m.scale)) for n, m in reloaded.named_modules() if isinstance(m, ActQuantizer)
+        }
+        assert acts == steps
     assert (run.path / "units" / "obj_ptr_proj").is_dir() == (method != "minmax")
     if label is not None:
         rows = json.loads(run.metrics.read_text())["table"]
-        assert [row["model"].split(" (")[0] for row in rows] == ["FP", label]
+        assert [row["model"] for row in rows] == ["FP", f"{label} (W4.00/A4.00)"]

@@ -227,6 +227,17 @@ def reconstruct(
     reconstructor.run()
 
 
+def unit_reconstruction(recipe: Recipe) -> ReconstructionConfig:
+    """What the recipe learns per unit: the shared reconstruction settings with the method's mode (`none`
+    when the recipe stops after calibration) and video loss."""
+    method = recipe.resolved
+    return dataclasses.replace(
+        recipe.reconstruction,
+        mode=method.reconstruction if recipe.learn else "none",
+        video_loss=method.video_loss,
+    )
+
+
 def recipe_identity(recipe: Recipe) -> str:
     """What a calibrated model depends on besides the float model and the data: the method's settings, the
     widths, the quantizer settings and the seed (reconstruction settings are not part of it)."""
@@ -314,11 +325,7 @@ def quantize_sam2(
                 {"recipe": recipe_identity(recipe), "model": model, "allocation": allocation},
                 run.calibrated_model,
             )
-    rec = dataclasses.replace(
-        recipe.reconstruction,
-        mode=method.reconstruction if recipe.learn else "none",
-        video_loss=method.video_loss,
-    )
+    rec = unit_reconstruction(recipe)
     if run is None:
         with tempfile.TemporaryDirectory(prefix="mqsam2-") as tmp:
             reconstruct(model, float_model, workload, rec, tmp, loggers, seed=recipe.seed)

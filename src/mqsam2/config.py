@@ -335,8 +335,8 @@ def check_recipe_run(config: FitConfig) -> None:
         changed = [k for k in changed_identity(getattr(config, section)) if keys is None or k in keys]
         if changed:
             raise MQSAM2Error(
-                f"{section}.{changed[0]} is decided by recipe.method {method.name}: leave it out (recipe.bits, "
-                "recipe.candidates and recipe.activations set the widths)"
+                f"{section}.{changed[0]} is decided by recipe.method {method.name}: leave it out, or leave "
+                "recipe out to run the paper's recipe"
             )
     if config.export and not method.exportable:
         raise MQSAM2Error(
