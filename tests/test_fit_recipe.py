@@ -11,6 +11,7 @@ import torch
 
 from mqsam2 import api
 from mqsam2.export import load_export
+from mqsam2.export.card import card_paths
 from mqsam2.fit import main, parse_config
 from mqsam2.methods import get_method
 from mqsam2.pipeline import load_data, load_float_model
@@ -106,6 +107,7 @@ def test_a_fitted_recipe_exports_the_model_quantize_sam2_makes_for_it(method, la
         }
         assert acts == steps
     assert (run.path / "units" / "obj_ptr_proj").is_dir() == (method != "minmax")
+    assert json.loads(card_paths(run.export)[1].read_text())["method"]["recipe"] == method
     if label is not None:
         rows = json.loads(run.metrics.read_text())["table"]
         assert [row["model"] for row in rows] == ["FP", f"{label} (W4.00/A4.00)"]
