@@ -8,6 +8,7 @@ run's model. Every write goes through `mqsam2.files`, so each artifact is whole 
     importance.json    Eq. 2-4 per layer                      plan.json, allocation.png   Eq. 6
                                                               sensitivity.png             why each width
     calibrated.pt      every tensor of the calibrated model   metrics.json, eval/         evaluation
+    calibrated_model.pt  a recipe run's whole calibrated model (mqsam2.api.quantize_sam2)
     units/<unit>/<phase>.pt    a unit's state once that phase finished (the phase's completion mark)
     units/<unit>/<phase>.json  its record, written before the state; units.jsonl is derived from them
     units/<unit>/<phase>/      Lightning checkpoints and CSV logs of the phase in progress
