@@ -67,8 +67,14 @@ def test_every_choice_field_lists_exactly_what_its_registry_accepts():
     """The parser's valid values (the Literal types) must not drift from the code that consumes them."""
     from typing import get_args, get_origin, get_type_hints
 
-    from mqsam2.allocation import ERROR_MODELS, SOLVERS
-    from mqsam2.config import AllocationConfig, DataConfig, EvaluationConfig, ReconstructionConfig
+    from mqsam2.allocation import ACTIVATION_MODES, ERROR_MODELS, SOLVERS
+    from mqsam2.config import (
+        AllocationConfig,
+        DataConfig,
+        EvaluationConfig,
+        RecipeConfig,
+        ReconstructionConfig,
+    )
     from mqsam2.evaluate import PromptKind
     from mqsam2.memory import MEMORY_POLICIES
     from mqsam2.quant.observers import OBSERVERS
@@ -85,3 +91,5 @@ def test_every_choice_field_lists_exactly_what_its_registry_accepts():
     assert choices(QuantConfig, "weight_observer") == choices(QuantConfig, "act_observer") == set(OBSERVERS)
     assert choices(DataConfig, "prompt") == set(get_args(PromptKind))
     assert choices(EvaluationConfig, "memory") == set(MEMORY_POLICIES)
+    optional = get_args(get_type_hints(RecipeConfig)["activations"])  # (Literal[...], None)
+    assert set(get_args(optional[0])) == set(ACTIVATION_MODES)

@@ -24,6 +24,7 @@ import pulp
 from mqsam2.errors import MQSAM2Error
 from mqsam2.files import write_text
 from mqsam2.importance import LayerImportance
+from mqsam2.quant.affine import MAX_BITS, MIN_BITS
 
 ErrorModel = Callable[[int], float]
 
@@ -79,6 +80,12 @@ def error_model(error: str | ErrorModel | None) -> ErrorModel:
     if error not in ERROR_MODELS:
         raise AllocationError(f"unknown error model {error!r}; expected one of {', '.join(ERROR_MODELS)}")
     return ERROR_MODELS[error]
+
+
+def default_candidates(target_avg: float) -> list[int]:
+    """A mixed method's widths when none are given: one bit either side of the target ({3, 4, 5} for Avg-4)."""
+    centre = round(target_avg)
+    return [bits for bits in (centre - 1, centre, centre + 1) if MIN_BITS <= bits <= MAX_BITS]
 
 
 def check_budget(

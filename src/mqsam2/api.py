@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mqsam2.allocation import MEASURED_ERRORS, Allocation, allocate, write_plan
+from mqsam2.allocation import MEASURED_ERRORS, Allocation, allocate, default_candidates, write_plan
 from mqsam2.allocation_figures import plot_sensitivity
-from mqsam2.config import ReconstructionConfig
+from mqsam2.config import RecipeConfig, ReconstructionConfig
 from mqsam2.errors import MQSAM2Error
 from mqsam2.files import save_torch
 from mqsam2.importance import ImportanceCollector, LayerImportance
@@ -73,10 +73,30 @@ class Recipe:
         """Mixed: the given candidates or one bit either side of the target ({3,4,5} for Avg-4); uniform: b."""
         if not self.resolved.mixed:
             return [int(self.bits)]
-        if self.candidates:
-            return sorted(self.candidates)
-        centre = round(self.bits)
-        return [b for b in (centre - 1, centre, centre + 1) if 2 <= b <= 8]
+        return sorted(self.candidates or default_candidates(self.bits))
+
+
+def recipe_of(
+    section: RecipeConfig, quant: QuantConfig, reconstruction: ReconstructionConfig, seed: int = 0
+) -> Recipe:
+    """The `Recipe` a recipe section names, on shared quantizer and reconstruction settings: the one reading of
+    a fit's `recipe` and of a compare row, so both entry points run a method alike. `iters` replaces the
+    reconstruction's iterations (0: calibration only), `activations` the mixed method's activation mode."""
+    if section.iters:
+        reconstruction = dataclasses.replace(reconstruction, iters=section.iters)
+    method = get_method(section.method)
+    if section.activations:
+        method = dataclasses.replace(method, activations=section.activations)
+    return Recipe(
+        method,
+        section.bits,
+        section.candidates,
+        quant,
+        reconstruction,
+        seed,
+        learn=section.iters != 0,
+        act_bits=section.act_bits,
+    )
 
 
 @dataclass
@@ -142,18 +162,26 @@ def allocate_bits(importance: dict[str, LayerImportance], recipe: Recipe) -> All
     )
 
 
+def applied_allocation(recipe: Recipe, allocation: Allocation) -> Allocation:
+    """The widths the recipe quantizes with: the allocation, with a uniform recipe's `act_bits` on every input
+    when given."""
+    if recipe.act_bits is None:
+        return allocation
+    inputs = len(allocation.act_bits or allocation.bits)
+    return dataclasses.replace(
+        allocation, act_bits=(recipe.act_bits,) * inputs, act_average_bits=float(recipe.act_bits)
+    )
+
+
 def quant_config(recipe: Recipe, allocation: Allocation) -> QuantConfig:
     """The shared quantizer settings with the method's observers and the allocation's per-layer widths (a
     uniform recipe's `act_bits` for every input when given)."""
     method = recipe.resolved
-    act_plan = allocation.act_plan
-    if recipe.act_bits is not None:
-        act_plan = dict.fromkeys(act_plan, recipe.act_bits)
     return dataclasses.replace(
         recipe.quant,
         bits=max(allocation.bits),
         plan=allocation.plan,
-        act_plan=act_plan,
+        act_plan=applied_allocation(recipe, allocation).act_plan,
         weight_observer=method.weight_observer,
         act_observer=method.act_observer,
         quantize_attention=recipe.quant.quantize_attention or method.quantize_attention,
@@ -197,6 +225,17 @@ def reconstruct(
     )
     log.info("reconstruction: %s over %d units", config.mode, len(reconstructor.units))
     reconstructor.run()
+
+
+def unit_reconstruction(recipe: Recipe) -> ReconstructionConfig:
+    """What the recipe learns per unit: the shared reconstruction settings with the method's mode (`none`
+    when the recipe stops after calibration) and video loss."""
+    method = recipe.resolved
+    return dataclasses.replace(
+        recipe.reconstruction,
+        mode=method.reconstruction if recipe.learn else "none",
+        video_loss=method.video_loss,
+    )
 
 
 def recipe_identity(recipe: Recipe) -> str:
@@ -263,12 +302,14 @@ def quantize_sam2(
     float_model: nn.Module,
     workload: Workload,
     recipe: Recipe,
-    workdir: str | Path | None = None,
+    workdir: str | Path | RunDir | None = None,
     importance: dict[str, LayerImportance] | None = None,
+    loggers: Sequence = (),
 ) -> QuantizedSAM2:
     """The whole recipe of `recipe.method`; `workdir` (one per float model and data set) keeps the calibrated
-    model and the reconstruction resumable (a temporary one if None), `importance` reuses Eq. 2-4 measurements made earlier on the same model and data (methods with their own
-    `allocator` measure their own)."""
+    model and the reconstruction resumable (a temporary one if None), `importance` reuses Eq. 2-4 measurements
+    made earlier on the same model and data (methods with their own `allocator` measure their own), `loggers`
+    receive the reconstruction's curves."""
     method = recipe.resolved
     run = None if workdir is None else workdir if isinstance(workdir, RunDir) else RunDir(workdir)
     stored = _stored_calibration(run, recipe, next(float_model.parameters()).device)
@@ -284,16 +325,12 @@ def quantize_sam2(
                 {"recipe": recipe_identity(recipe), "model": model, "allocation": allocation},
                 run.calibrated_model,
             )
-    rec = dataclasses.replace(
-        recipe.reconstruction,
-        mode=method.reconstruction if recipe.learn else "none",
-        video_loss=method.video_loss,
-    )
+    rec = unit_reconstruction(recipe)
     if run is None:
         with tempfile.TemporaryDirectory(prefix="mqsam2-") as tmp:
-            reconstruct(model, float_model, workload, rec, tmp, seed=recipe.seed)
+            reconstruct(model, float_model, workload, rec, tmp, loggers, seed=recipe.seed)
     else:
-        reconstruct(model, float_model, workload, rec, run, seed=recipe.seed)
+        reconstruct(model, float_model, workload, rec, run, loggers, seed=recipe.seed)
     if method.memory_policy is not None:
         set_memory_policy(model, method.memory_policy)
     return QuantizedSAM2(model, allocation)

@@ -42,6 +42,7 @@ from mqsam2.config import (
     FitConfig,
     ModelConfig,
     Precision,
+    RecipeConfig,
     ReconstructionConfig,
     changed_identity,
     parse_arguments,
@@ -403,24 +404,14 @@ class Grid:
     # ---------------------------------------------------------------------------------------------- models
 
     def recipe(self, row: Row) -> api.Recipe:
-        rec = self.config.reconstruction
-        if row.iters:
-            rec = dataclasses.replace(rec, iters=row.iters)
+        """The row's recipe (`api.recipe_of`, as a fit's `recipe` section reads), on the grid's reconstruction
+        with the row's own precision, capture and low-bit iterations."""
         overrides = {"low_bit_iters": row.low_bit_iters, "precision": row.precision, "capture": row.capture}
-        rec = dataclasses.replace(rec, **{k: v for k, v in overrides.items() if v is not None})
-        method = get_method(row.method)
-        if row.activations:
-            method = dataclasses.replace(method, activations=row.activations)
-        return api.Recipe(
-            method,
-            row.bits,
-            row.candidates,
-            self.config.quant,
-            rec,
-            self.config.seed,
-            learn=row.iters != 0,
-            act_bits=row.act_bits,
+        rec = dataclasses.replace(
+            self.config.reconstruction, **{k: v for k, v in overrides.items() if v is not None}
         )
+        section = RecipeConfig(row.method, row.bits, row.candidates, row.act_bits, row.activations, row.iters)
+        return api.recipe_of(section, self.config.quant, rec, self.config.seed)
 
     def row_dir(self, row: Row) -> Path:
         """The row's run folder, named by its settings' key, so changed settings start afresh."""

@@ -18,8 +18,9 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 from jsonargparse import ArgumentError as _ArgumentError
 
-from mqsam2.allocation import check_budget
+from mqsam2.allocation import check_budget, default_candidates
 from mqsam2.errors import MQSAM2Error
+from mqsam2.methods import get_method
 from mqsam2.models import check_image_size, config_name
 from mqsam2.quant.affine import check_bits
 from mqsam2.quant.lsc import LSCConfig
@@ -229,6 +230,61 @@ class EvaluationConfig:
 
 
 @dataclass
+class RecipeConfig:
+    """A registered method (`mqsam2.methods`) in place of the paper's recipe that `allocation` spells out, run
+    as a compare row runs it: `bits` is a uniform method's width (WbAb; `act_bits` gives the inputs their own,
+    WbAa) or a mixed method's Avg-b target over `candidates` ({b-1, b, b+1} unless given), `activations` a
+    mixed method's activation mode, `iters` the reconstruction's iterations per unit (0: calibration only)."""
+
+    method: str | None = None
+    bits: float = 4
+    candidates: list[int] | None = None
+    act_bits: int | None = None
+    activations: Literal["shared", "fixed", "separate"] | None = None
+    iters: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method is None:
+            given = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) != f.default]
+            if given:
+                raise MQSAM2Error(
+                    f"recipe.{given[0]} needs recipe.method: name a registered method, or leave recipe out"
+                )
+            return
+        try:
+            method = get_method(self.method)
+        except MQSAM2Error as exc:
+            raise MQSAM2Error(f"recipe.method: {exc}") from None
+        if not method.mixed:
+            for key in ("candidates", "activations"):
+                if getattr(self, key) is not None:
+                    raise MQSAM2Error(f"recipe.{key} applies to mixed methods; {method.name} is uniform")
+            if self.bits != int(self.bits):
+                raise MQSAM2Error(
+                    f"recipe.bits {self.bits:g}: {method.name} is uniform, give a whole width in 2..8"
+                )
+            check_bits(int(self.bits), "recipe.bits")
+            if self.act_bits is not None:
+                check_bits(self.act_bits, "recipe.act_bits")
+        else:
+            if self.act_bits is not None:
+                raise MQSAM2Error(
+                    f"recipe.act_bits applies to uniform methods; {method.name} allocates input widths itself"
+                )
+            for bits in self.candidates or []:
+                check_bits(bits, "recipe.candidates")
+            widths = sorted(self.candidates or default_candidates(self.bits))
+            if not widths or not widths[0] <= self.bits <= widths[-1]:
+                raise MQSAM2Error(
+                    f"recipe.bits {self.bits:g} is not an average {method.name} can reach with candidates "
+                    f"{widths}: give recipe.bits in 2..8, or recipe.candidates around it"
+                )
+            check_budget(widths, self.bits)
+        if self.iters is not None:
+            check_count("recipe.iters", self.iters, least=0)
+
+
+@dataclass
 class LoggingConfig:
     """W&B runs offline unless WANDB_API_KEY (or `wandb login`) is configured; CSV logs always."""
 
@@ -249,6 +305,7 @@ class FitConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig, metadata=RUNTIME)
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=RUNTIME)
     export: bool = field(default=True, metadata=RUNTIME)
@@ -256,6 +313,36 @@ class FitConfig:
     def __post_init__(self) -> None:
         if not self.name or Path(self.name).name != self.name or self.name in (".", ".."):
             raise MQSAM2Error(f"name {self.name!r} must be a plain directory name (no '/'): runs/<name>/")
+        if self.recipe.method is not None:
+            check_recipe_run(self)
+
+
+# what a recipe's method decides, so a recipe run refuses them set: (section, keys; None: all of them)
+METHOD_DECIDES = {
+    "allocation": None,
+    "quant": ("weight_observer", "act_observer"),
+    "reconstruction": ("mode", "video_loss"),
+}
+
+
+def check_recipe_run(config: FitConfig) -> None:
+    """A recipe run's method decides the allocation, the observers and the reconstruction mode: a config that
+    also sets them, or that exports a model the packed format cannot hold, is refused before any work."""
+    method = get_method(config.recipe.method)
+    if not method.quantizes:
+        raise MQSAM2Error(f"recipe.method {method.name} quantizes nothing: name a quantization method")
+    for section, keys in METHOD_DECIDES.items():
+        changed = [k for k in changed_identity(getattr(config, section)) if keys is None or k in keys]
+        if changed:
+            raise MQSAM2Error(
+                f"{section}.{changed[0]} is decided by recipe.method {method.name}: leave it out, or leave "
+                "recipe out to run the paper's recipe"
+            )
+    if config.export and not method.exportable:
+        raise MQSAM2Error(
+            f"recipe.method {method.name} makes a model the packed export cannot hold (docs/export.md): "
+            "set export: false"
+        )
 
 
 def config_dict(config: FitConfig) -> dict:

@@ -1,6 +1,7 @@
 """`python -m mqsam2.fit --config configs/<name>.yaml [--section.key value ...] [--print_config]`
 
-Runs the whole Mix-QSAM2 pipeline into runs/<name>/ and resumes it when restarted. Several GPUs on one node
+Runs the whole Mix-QSAM2 pipeline, or with a `recipe` section a registered method as a compare row runs it,
+into runs/<name>/ and resumes it when restarted. Several GPUs on one node
 are used through torchrun (started automatically); under srun or torchrun the launcher's processes are used.
 The config, the checkpoint, the unit names and the data are checked before anything is written to the run
 directory; failures are one line and an exit status (`mqsam2.cli`: 2 bad input, 130/143 stopped, resumable).
@@ -77,14 +78,18 @@ def run(config: FitConfig) -> dict:
     run_dir = pipeline.prepare_run_dir(config)  # nothing is written before this point
     wandb = wandb_logger(config, run_dir)
     loggers = [wandb] if wandb else []
-    with charged(times, "importance"):
-        importance = pipeline.stage_importance(float_model, config, data.calibration, run_dir)
-    with charged(times, "allocation"):
-        plan = pipeline.stage_allocation(importance, config, run_dir, loggers)
-    with charged(times, "quantize"):
-        model = pipeline.stage_quantize(float_model, plan, config, data.calibration, run_dir)
-    with charged(times, "reconstruct"):
-        pipeline.stage_reconstruct(model, float_model, config, data.calibration, run_dir, loggers)
+    if config.recipe.method is not None:
+        with charged(times, "recipe"):
+            model = pipeline.stage_recipe(float_model, config, data.calibration, run_dir, loggers)
+    else:
+        with charged(times, "importance"):
+            importance = pipeline.stage_importance(float_model, config, data.calibration, run_dir)
+        with charged(times, "allocation"):
+            plan = pipeline.stage_allocation(importance, config, run_dir, loggers)
+        with charged(times, "quantize"):
+            model = pipeline.stage_quantize(float_model, plan, config, data.calibration, run_dir)
+        with charged(times, "reconstruct"):
+            pipeline.stage_reconstruct(model, float_model, config, data.calibration, run_dir, loggers)
     report = pipeline.summary(run_dir)
     with charged(times, "evaluate"):
         report["evaluation"] = pipeline.stage_evaluate(model, float_model, config, data, run_dir, loggers)

@@ -30,6 +30,7 @@ from mqsam2.export import export_model
 from mqsam2.export.card import bytes_table, card_paths, run_details, run_fp_bytes
 from mqsam2.files import save_torch, write_text
 from mqsam2.importance import read_importance, write_importance
+from mqsam2.methods import get_method
 from mqsam2.metrics.coco import MaskMAP, mask_map
 from mqsam2.models import build_sam2
 from mqsam2.quant import quantize
@@ -51,17 +52,19 @@ def prepare_run_dir(config: FitConfig) -> RunDir:
 
 
 def check_units(float_model: torch.nn.Module, config: FitConfig) -> None:
-    """`reconstruction.units` must name units of this model and mode (listed when one does not)."""
+    """`reconstruction.units` must name units of this model and mode, a recipe's method's mode in a recipe run
+    (listed when one does not)."""
     cfg = config.reconstruction
-    if cfg.units is None:
+    mode = cfg.mode if config.recipe.method is None else get_method(config.recipe.method).reconstruction
+    if cfg.units is None or mode == "none":
         return
-    known = unit_names(float_model, cfg.mode, config.quant.keep_fp)
+    known = unit_names(float_model, mode, config.quant.keep_fp)
     unknown = [name for name in cfg.units if name not in known]
     if unknown:
         shown = ", ".join(known[:40]) + (f", ... ({len(known)} in all)" if len(known) > 40 else "")
         raise MQSAM2Error(
             f"reconstruction.units names no unit {', '.join(unknown)} of SAM2 {config.model.size} in mode "
-            f"{cfg.mode}; its units are: {shown or 'none'}"
+            f"{mode}; its units are: {shown or 'none'}"
         )
 
 
@@ -238,8 +241,36 @@ def stage_reconstruct(
     api.reconstruct(model, float_model, workload, config.reconstruction, run, loggers, seed=config.seed)
 
 
+def stage_recipe(
+    float_model: torch.nn.Module,
+    config: FitConfig,
+    workload: Workload,
+    run: RunDir,
+    loggers: list[Logger],
+) -> torch.nn.Module:
+    """`recipe.method`'s whole recipe, as a compare row runs it (`api.quantize_sam2`), in the run directory:
+    a restarted run reuses its calibrated model and finished units. plan.json records the widths the model
+    was quantized with, for the table and the model card."""
+    recipe = api.recipe_of(config.recipe, config.quant, config.reconstruction, config.seed)
+    result = api.quantize_sam2(float_model, workload, recipe, run, loggers=loggers)
+    if rank_and_world()[0] == 0 and not run.plan.exists():
+        write_plan(api.applied_allocation(recipe, result.allocation), run.plan)
+    return result.model
+
+
 def summary(run: RunDir) -> dict:
     return {"run_dir": str(run.path), "units": run.unit_records()}
+
+
+def run_label(config: FitConfig) -> str:
+    """This run's model as the table names it: the paper's recipe by its budget, a recipe by its method and
+    width (Avg-b for a mixed method, WbAa for a uniform one)."""
+    recipe = config.recipe
+    if recipe.method is None:
+        return f"mixqsam2 Avg-{config.allocation.target_avg:g}"
+    if get_method(recipe.method).mixed:
+        return f"{recipe.method} Avg-{recipe.bits:g}"
+    return f"{recipe.method} W{recipe.bits:g}A{recipe.act_bits or recipe.bits:g}"
 
 
 def mixed_row(config: FitConfig, run: RunDir) -> dict:
@@ -249,7 +280,7 @@ def mixed_row(config: FitConfig, run: RunDir) -> dict:
     weights, acts = run.bit_averages()
     spent = f" (W{weights:.2f}/A{acts:.2f})" if weights is not None and acts is not None else ""
     return {
-        "model": f"mixqsam2 Avg-{config.allocation.target_avg:g}{spent}",
+        "model": f"{run_label(config)}{spent}",
         "weight_avg_bits": weights,
         "act_avg_bits": acts,
     }

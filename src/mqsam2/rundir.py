@@ -8,6 +8,7 @@ run's model. Every write goes through `mqsam2.files`, so each artifact is whole 
     importance.json    Eq. 2-4 per layer                      plan.json, allocation.png   Eq. 6
                                                               sensitivity.png             why each width
     calibrated.pt      every tensor of the calibrated model   metrics.json, eval/         evaluation
+    calibrated_model.pt  a recipe run's whole calibrated model (mqsam2.api.quantize_sam2)
     units/<unit>/<phase>.pt    a unit's state once that phase finished (the phase's completion mark)
     units/<unit>/<phase>.json  its record, written before the state; units.jsonl is derived from them
     units/<unit>/<phase>/      Lightning checkpoints and CSV logs of the phase in progress
@@ -26,10 +27,11 @@ import yaml
 from torch import nn
 
 from mqsam2.allocation import read_plan
-from mqsam2.config import FitConfig, config_dict, load_config, resume_identity
+from mqsam2.config import FitConfig, ReconstructionConfig, config_dict, load_config, resume_identity
 from mqsam2.errors import MQSAM2Error
 from mqsam2.export.card import card_paths
 from mqsam2.files import TMP_SUFFIX, load_torch, make_folder, write_text
+from mqsam2.memory.policies import set_memory_policy
 from mqsam2.models import build_architecture, config_name
 from mqsam2.quant.swap import quantize
 from mqsam2.reconstruct.phases import phases
@@ -150,7 +152,14 @@ class RunDir:
 
     def finished_work(self) -> list[Path]:
         """Artifacts that mean some stage has done work under the saved config."""
-        fixed = [self.importance, self.plan, self.calibrated, self.metrics, self.export]
+        fixed = [
+            self.importance,
+            self.plan,
+            self.calibrated,
+            self.calibrated_model,
+            self.metrics,
+            self.export,
+        ]
         units = self.path / "units"
         return [p for p in fixed if p.exists()] + (sorted(units.glob("*/*")) if units.is_dir() else [])
 
@@ -219,10 +228,13 @@ class RunDir:
 
     def load_model(self) -> tuple[nn.Module, FitConfig]:
         """The run's final quantized video predictor, rebuilt from this directory alone (no FP checkpoint): the
-        architecture from config.yaml, the plan, calibrated.pt, then each reconstructed unit's phases in order.
-        Units outside `reconstruction.units` keep their calibrated (round-to-nearest) state."""
+        architecture from config.yaml, the plan, calibrated.pt (a recipe run: its whole calibrated model,
+        calibrated_model.pt), then each reconstructed unit's phases in order. Units outside
+        `reconstruction.units` keep their calibrated (round-to-nearest) state."""
         config = self.read_config()
         resume = f"finish it with python -m mqsam2.fit --config {self.config_file}"
+        if config.recipe.method is not None:
+            return self._recipe_model(config, resume), config
         for artifact in (self.plan, self.calibrated):
             if not artifact.is_file():
                 raise MQSAM2Error(f"run {self.path} has no {artifact.name} yet: {resume}")
@@ -231,15 +243,35 @@ class RunDir:
         )
         quantize(model, dataclasses.replace(config.quant, plan=read_plan(self.plan)))
         model.load_state_dict(self.load_state(self.calibrated))
-        only = config.reconstruction.units
-        for unit in reconstruction_units(model, config.reconstruction.mode):
+        self._load_units(model, config.reconstruction, resume)
+        return model, config
+
+    def _recipe_model(self, config: FitConfig, resume: str) -> nn.Module:
+        """A recipe run's model: the calibrated model `mqsam2.api.quantize_sam2` stored, its units learned
+        as the method learns them, tracking with the method's memory policy."""
+        from mqsam2 import api  # the api imports this module
+
+        if not self.calibrated_model.is_file():
+            raise MQSAM2Error(f"run {self.path} has no {self.calibrated_model.name} yet: {resume}")
+        recipe = api.recipe_of(config.recipe, config.quant, config.reconstruction, config.seed)
+        model = torch.load(self.calibrated_model, map_location="cpu", weights_only=False)["model"]
+        self._load_units(model, api.unit_reconstruction(recipe), resume)
+        if recipe.resolved.memory_policy is not None:
+            set_memory_policy(model, recipe.resolved.memory_policy)
+        return model
+
+    def _load_units(self, model: nn.Module, reconstruction: ReconstructionConfig, resume: str) -> None:
+        """Each reconstructed unit's finished phases into `model`, in order (none for mode `none`)."""
+        if reconstruction.mode == "none":
+            return
+        only = reconstruction.units
+        for unit in reconstruction_units(model, reconstruction.mode):
             if only is not None and unit.name not in only:
                 continue
-            for phase in phases(config.reconstruction):
+            for phase in phases(reconstruction):
                 done = self.phase_state(unit.name, phase.name)
                 if not done.is_file():
                     raise MQSAM2Error(
                         f"run {self.path} is unfinished: unit {unit.name} has no {phase.name}.pt; {resume}"
                     )
                 unit.module.load_state_dict(self.load_state(done))
-        return model, config

@@ -121,9 +121,34 @@ def run_details(config: FitConfig, run: RunDir) -> dict:
         },
         "fp_checkpoint": config.model.checkpoint or "none (seeded random init)",
     }
+    if config.recipe.method is not None:
+        card |= _recipe_details(config, card)
     if run.metrics.exists():
         card["metrics"] = json.loads(run.metrics.read_text())
     return card
+
+
+def _recipe_details(config: FitConfig, card: dict) -> dict:
+    """A recipe run's calibration and method entries: what its registered method decides (observers,
+    allocation, reconstruction) in place of the config's own sections, which it does not read."""
+    from mqsam2.api import recipe_of  # the api imports this module (through RunDir)
+
+    recipe = recipe_of(config.recipe, config.quant, config.reconstruction, config.seed)
+    method = recipe.resolved
+    observers = {"weight_observer": method.weight_observer, "act_observer": method.act_observer}
+    learns = recipe.learn and method.reconstruction != "none"
+    return {
+        "calibration": card["calibration"] | observers,
+        "method": card["method"]
+        | {
+            "recipe": method.name,
+            "allocation": "mixed" if method.mixed else "uniform",
+            "target_avg_bits": recipe.bits,
+            "candidates": recipe.candidate_widths(),
+            "reconstruction": method.reconstruction if learns else "none",
+            "iters_per_unit": recipe.reconstruction.iters if learns else 0,
+        },
+    }
 
 
 def run_fp_bytes(config: FitConfig) -> int | None:

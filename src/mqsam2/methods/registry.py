@@ -55,6 +55,12 @@ class Method:
     def quantizes(self) -> bool:
         return self.name != "fp"
 
+    @property
+    def exportable(self) -> bool:
+        """Whether the packed export (docs/export.md) holds its model: it stores calibrated uniform quantizers,
+        not live per-input ranges (`dynamic`) nor log2 softmax quantizers."""
+        return self.quantizes and self.act_observer != "dynamic" and self.attention_probs != "log2"
+
 
 METHODS: dict[str, Method] = {}
 
