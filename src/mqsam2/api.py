@@ -265,12 +265,12 @@ def _stored_calibration(
     (the float model's: a resumed row must track and train where a fresh one does)."""
     if run is None or not run.calibrated_model.exists():
         return None
-    stored = torch.load(run.calibrated_model, map_location="cpu", weights_only=False)
+    stored = torch.load(run.calibrated_model, map_location=device, weights_only=False)
     if stored["recipe"] != recipe_identity(recipe):
         log.info("quantize: %s belongs to another recipe, calibrating again", run.calibrated_model)
         return None
     log.info("quantize: reusing the calibrated model in %s", run.calibrated_model)
-    return stored["model"].to(device), stored["allocation"]
+    return stored["model"], stored["allocation"]
 
 
 def _allocate_and_calibrate(
