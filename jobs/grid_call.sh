@@ -11,6 +11,9 @@
 #   bash jobs/grid_call.sh grid [SECONDS]         # GPU call 2: model half B, the grid for SECONDS (540), report
 #   bash jobs/grid_call.sh bench [ARGS]           # GPU call 3: benchmarks/grid.py (old vs new engine, fp32 vs bf16)
 #
+# Call 1 leaves most of its 10 minutes free, so it may carry the first half of issue 26's deployment table too:
+#   bash jobs/grid_call.sh data .carry/tools/regime_clips.py; BUDGET=510 bash jobs/deploy_call.sh gpu
+#
 # CONFIG picks the grid (default configs/compare/sam21t_512_regime.yaml; sam21t_512_mixed.yaml is issue 24's).
 #
 # GENERATOR is the path of regime_clips.py (on the device: carried in .carry/tools/). The model halves and the
