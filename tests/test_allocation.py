@@ -322,3 +322,27 @@ def test_propagated_allocation_weighs_each_error_by_its_downstream_gain():
     assert result.objective == pytest.approx(20 * 0.01 + 0.2 + 20 * 0.4 + 0.02)
     with pytest.raises(AllocationError, match="no downstream gain"):
         allocate(importance_with_tables(), target_avg=4, candidates=[3, 4, 5], error="propagated")
+
+
+def test_mask_allocation_reads_the_mask_kl_tables_not_the_layer_errors():
+    # The mask KL tables swap which layer is sensitive: the big layer's weight costs 10x per step what the
+    # small one's does. By hand, weights (40 bits over 10 parameters): big 3 + small 5 costs 1.0 + 0.001, big 4
+    # + small 4 costs 0.3 + 0.004, so 4 + 4 (the layer-local errors above chose 3 + 5); inputs (272 over 68
+    # elements): big 5 + small 3 is over budget (5*64 + 3*4 = 332), big 4 + small 4 costs 0.04 + 0.02.
+    def table(values):
+        return {str(b): v for b, v in zip((3, 4, 5), values, strict=True)}
+
+    importance = {
+        name: layer._replace(weight_mask_kl=table(w), act_mask_kl=table(a))
+        for (name, layer), w, a in zip(
+            importance_with_tables().items(),
+            ([1.0, 0.3, 0.1], [0.01, 0.004, 0.001]),
+            ([0.1, 0.04, 0.01], [0.05, 0.02, 0.01]),
+            strict=True,
+        )
+    }
+    result = allocate(importance, target_avg=4, candidates=[3, 4, 5], error="mask", activations="separate")
+    assert result.plan == {"big.fc": 4, "small.qkv": 4} and result.act_plan == {"big.fc": 4, "small.qkv": 4}
+    assert result.objective == pytest.approx(0.3 + 0.004 + 0.04 + 0.02)
+    with pytest.raises(AllocationError, match="no measured error"):
+        allocate(importance_with_tables(), target_avg=4, candidates=[3, 4, 5], error="mask")

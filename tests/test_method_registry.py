@@ -63,9 +63,14 @@ def test_uniform_methods_match_the_manual_path_bit_for_bit(method, float_model, 
 
 
 def test_mixed_methods_allocate_as_allocate_does(importance):
+    # the mask KL tables stand in as the layer errors: what matters here is which table each method reads
+    importance = {
+        n: i._replace(weight_mask_kl=i.weight_errors, act_mask_kl=i.act_errors) for n, i in importance.items()
+    }
     for method, error, activations in (
         ("mixqsam2", "pow2", "shared"),
         ("mixqsam2-measured", "measured", "separate"),
+        ("mixqsam2-mask", "mask", "separate"),
     ):
         recipe = Recipe(method=method, bits=4)
         via_registry = allocate_bits(importance, recipe)

@@ -358,7 +358,7 @@ def solve_uniform(
 
 
 SOLVERS = {"ilp": solve_ilp, "greedy": solve_greedy, "uniform": solve_uniform}
-MEASURED_ERRORS = ("measured", "propagated")  # error models read from the importance tables
+MEASURED_ERRORS = ("measured", "propagated", "mask")  # error models read from the importance tables
 ERROR_CHOICES = (*ERROR_MODELS, *MEASURED_ERRORS)
 ACTIVATION_MODES = ("shared", "fixed", "separate")
 
@@ -399,13 +399,17 @@ def _cost_table(
     importance: Mapping[str, LayerImportance], candidates: Sequence[int], error: str, kind: str
 ) -> list[list[float]]:
     """Each layer's cost per candidate: `S_l * E(b)` for a formula, `S_l * e_l(b)` for `measured` (its relative
-    output error), `g_l * e_l(b)` for `propagated` (that error times its downstream gain, `mqsam2.propagation`)."""
+    output error), `g_l * e_l(b)` for `propagated` (that error times its downstream gain, `mqsam2.propagation`),
+    the mask KL with the layer alone quantized at b for `mask`."""
     if error not in MEASURED_ERRORS:
         model = error_model(error)
         return [[layer.score * model(b) for b in candidates] for layer in importance.values()]
     rows = []
     for name, layer in importance.items():
-        table = layer.weight_errors if kind == "w" else layer.act_errors
+        if error == "mask":
+            table = layer.weight_mask_kl if kind == "w" else layer.act_mask_kl
+        else:
+            table = layer.weight_errors if kind == "w" else layer.act_errors
         if not table or any(str(b) not in table for b in candidates):
             raise AllocationError(
                 f"layer {name} has no measured error at every candidate {list(candidates)}: measure it with "
@@ -416,7 +420,7 @@ def _cost_table(
                 f"layer {name} has no downstream gain: measure the importance with gains "
                 "(mqsam2.api.measure_importance(..., gains=True))"
             )
-        weight = layer.gain if error == "propagated" else layer.score
+        weight = {"propagated": layer.gain, "mask": 1.0}.get(error, layer.score)
         rows.append([weight * table[str(b)] for b in candidates])
     return rows
 

@@ -65,8 +65,8 @@ def plot_sensitivity(
 ) -> Path:
     """Why each layer got its width, in network order: (1) weight and input bits; (2) what the allocation
     weighs a layer's error by (Eq. 4's importance, and the downstream gain where measured); (3) each layer's
-    measured relative output error at its allocated width against the uniform width (weights and inputs),
-    where measured. A layer whose error rose far above its neighbours' at a low width is where a mixed row
+    measured relative output error (for `error: mask`, its mask KL) at its allocated width against the
+    uniform width (weights and inputs), where measured. A layer whose error rose far above its neighbours' at a low width is where a mixed row
     loses, and the picture shows it next to the weight the allocation gave it."""
     names = list(allocation.names)
     families = [module_family(name) for name in names]
@@ -107,8 +107,9 @@ def plot_sensitivity(
     weight_axes.legend(loc="upper right", fontsize="small")
     if measured:
         error_axes = panels[2]
+        at_masks = allocation.error == "mask"
         for kind, style, bits in (("weight", "o", allocation.bits), ("act", "^", allocation.act_bits)):
-            tables = [getattr(layer, f"{kind}_errors") for layer in layers]
+            tables = [getattr(layer, f"{kind}_mask_kl" if at_masks else f"{kind}_errors") for layer in layers]
             label = "weights" if kind == "weight" else "inputs"
             error_axes.plot(
                 positions,
@@ -126,7 +127,7 @@ def plot_sensitivity(
                 alpha=0.4,
                 label=f"{label} at {uniform} bits",
             )
-        error_axes.set(yscale="log", ylabel="relative output error")
+        error_axes.set(yscale="log", ylabel="mask KL, layer alone" if at_masks else "relative output error")
         error_axes.legend(loc="upper right", fontsize="small", ncols=2)
     for axes in panels:
         _family_bounds(axes, families)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -32,11 +33,11 @@ from mqsam2.files import save_torch
 from mqsam2.importance import ImportanceCollector, LayerImportance
 from mqsam2.memory.policies import set_memory_policy
 from mqsam2.methods import Method, get_method
-from mqsam2.propagation import measure_gains
+from mqsam2.propagation import measure_gains, measure_mask_kl
 from mqsam2.quant import calibration, quantizable_layers, quantize
 from mqsam2.quant.swap import QuantConfig
 from mqsam2.rundir import RunDir
-from mqsam2.sensitivity import measure_layer_errors
+from mqsam2.sensitivity import calibrate_quantizers, measure_layer_errors
 from mqsam2.stages import stage
 from mqsam2.workload import Workload
 
@@ -113,23 +114,36 @@ def measure_importance(
     quant: QuantConfig,
     measured_widths: Sequence[int] | None = None,
     gain_samples: Sequence[int] | None = None,
+    mask_samples: Sequence[int] | None = None,
 ) -> dict[str, LayerImportance]:
     """Eq. 2-4 for every layer the config would quantize (unreached layers left out, so they stay float), plus
-    the measured error tables at `measured_widths` when given (`allocation.error: measured`) and each layer's
+    the measured error tables at `measured_widths` when given (`allocation.error: measured`), each layer's
     downstream gain when `gain_samples` = (clips, frames, images) says on which samples to measure it
     (`allocation.error: propagated`; `Workload.samples`; a layer those never reach gets the largest gain, so
-    it is never cheap for lack of data)."""
+    it is never cheap for lack of data), and each layer's mask KL at `measured_widths` on `mask_samples`
+    (`allocation.error: mask`; a layer those never reach gets the largest KL of its width)."""
     layers = quantizable_layers(model, quant.keep_fp)
     with ImportanceCollector(model, layers) as collector:
         workload.run_full(model)
     importance = collector.compute(required=[*(quant.plan or {}), *(quant.act_plan or {})])
     reached = {name: layers[name] for name in importance}
     if measured_widths:
-        errors = measure_layer_errors(reached, lambda: workload.run_full(model), measured_widths, quant)
+        run = functools.partial(workload.run_full, model)
+        quantizers = calibrate_quantizers(reached, run, measured_widths, quant)
+        errors = measure_layer_errors(reached, run, measured_widths, quant, quantizers)
         importance = {
             name: layer._replace(weight_errors=errors[name][0], act_errors=errors[name][1])
             for name, layer in importance.items()
         }
+        if mask_samples:
+            samples = workload.samples(*mask_samples)
+            kl = measure_mask_kl(model, [lambda s=s: s.run_full(model) for s in samples], reached, quantizers)
+            importance = {
+                name: layer._replace(
+                    weight_mask_kl=_or_largest(kl, name, 0), act_mask_kl=_or_largest(kl, name, 1)
+                )
+                for name, layer in importance.items()
+            }
     if gain_samples:
         samples = workload.samples(*gain_samples)
         measured = measure_gains(model, [lambda s=s: s.run_full(model) for s in samples], reached)
@@ -138,6 +152,14 @@ def measure_importance(
             name: layer._replace(gain=measured.get(name, largest)) for name, layer in importance.items()
         }
     return importance
+
+
+def _or_largest(tables: dict[str, tuple[dict[str, float], ...]], name: str, side: int) -> dict[str, float]:
+    """The layer's measured table, or, for a layer the samples never reached, the largest of each width."""
+    if name in tables:
+        return tables[name][side]
+    widths = next(iter(tables.values()))[side]
+    return {bits: max(t[side][bits] for t in tables.values()) for bits in widths}
 
 
 def allocate_bits(importance: dict[str, LayerImportance], recipe: Recipe) -> Allocation:
@@ -284,9 +306,15 @@ def _allocate_and_calibrate(
     else:
         measured = recipe.candidate_widths() if method.error in MEASURED_ERRORS else None
         gains = GAIN_SAMPLES if method.error == "propagated" else None
+        masks = GAIN_SAMPLES if method.error == "mask" else None
         first = next(iter(importance.values())) if importance else None
-        if first is None or (measured and not first.weight_errors) or (gains and first.gain is None):
-            importance = measure_importance(float_model, workload, recipe.quant, measured, gains)
+        if (
+            first is None
+            or (measured and not first.weight_errors)
+            or (gains and first.gain is None)
+            or (masks and first.act_mask_kl is None)
+        ):
+            importance = measure_importance(float_model, workload, recipe.quant, measured, gains, masks)
         allocation = allocate_bits(importance, recipe)
     model = quantize_calibrated(float_model, quant_config(recipe, allocation), workload, method)
     return model, allocation, importance

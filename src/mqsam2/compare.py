@@ -146,7 +146,7 @@ class CompareConfig:
     # Rows run in this many processes at once (after the float masks and importance are made once). Tracking a
     # small SAM2 is bound by Python and kernel launches, so on one GPU 3-4 processes finish a grid sooner.
     jobs: int = 1
-    # (clips, frames, images) on which `propagated` rows measure each layer's downstream gain
+    # (clips, frames, images) on which `propagated` rows measure each layer's downstream gain, `mask` rows its mask KL
     gain_samples: list[int] = field(default_factory=lambda: list(api.GAIN_SAMPLES))
     # Write the report from the cells stored so far and run nothing (rows not finished are left out)
     report_only: bool = False
@@ -373,12 +373,19 @@ class Grid:
                 widths.update(self.recipe(row).candidate_widths())
         return sorted(widths)
 
-    def needs_gains(self) -> bool:
-        return any(get_method(row.method).error == "propagated" for row in self.config.rows)
+    def samples_for(self, error: str) -> list[int] | None:
+        """The grid's gain samples when a row's error model measures on them (`propagated`, `mask`)."""
+        needed = any(get_method(row.method).error == error for row in self.config.rows)
+        return self.config.gain_samples if needed else None
 
     def importance_key(self) -> str:
-        gains = self.config.gain_samples if self.needs_gains() else None
-        return _key({"shared": self.shared, "widths": self.measured_widths(), "gains": gains})
+        key = {
+            "shared": self.shared,
+            "widths": self.measured_widths(),
+            "gains": self.samples_for("propagated"),
+        }
+        masks = self.samples_for("mask")
+        return _key(key | {"masks": masks} if masks else key)
 
     def shared_importance(self) -> dict[str, LayerImportance]:
         """Importance (with the measured tables for every width any row needs, and the downstream gains when a
@@ -387,14 +394,18 @@ class Grid:
             path = self.dir / "importance.json"
             key_path = self.dir / "importance.key"
             widths = self.measured_widths()
-            gains = self.config.gain_samples if self.needs_gains() else None
             key = self.importance_key()
             if path.exists() and key_path.exists() and key_path.read_text() == key:
                 self.importance = read_importance(path)
             else:
                 start = time.perf_counter()
                 self.importance = api.measure_importance(
-                    self.float_model, self.data.calibration, self.config.quant, widths, gains
+                    self.float_model,
+                    self.data.calibration,
+                    self.config.quant,
+                    widths,
+                    self.samples_for("propagated"),
+                    self.samples_for("mask"),
                 )
                 write_importance(self.importance, path)
                 write_text(key_path, key)

@@ -38,7 +38,8 @@ class LayerImportance(NamedTuple):
     set (what an activation bit budget is weighted by). `weight_errors` / `act_errors`, when measured
     (`mqsam2.sensitivity`), map a bit-width to the layer's relative output error with only its weights / only
     its input quantized at that width. `gain`, when measured (`mqsam2.propagation`), is how much of a relative
-    output error reaches the masks.
+    output error reaches the masks; `weight_mask_kl` / `act_mask_kl` are the mask KL itself at each width, with
+    only this layer's weights / only its input quantized (`propagation.measure_mask_kl`).
     """
 
     score: float
@@ -47,6 +48,8 @@ class LayerImportance(NamedTuple):
     weight_errors: dict[str, float] | None = None
     act_errors: dict[str, float] | None = None
     gain: float | None = None
+    weight_mask_kl: dict[str, float] | None = None
+    act_mask_kl: dict[str, float] | None = None
 
 
 def sum_of_squares(x: Tensor, channel_dim: int = -1) -> Tensor:

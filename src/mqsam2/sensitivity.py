@@ -12,6 +12,7 @@ per-layer sums is kept.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -53,17 +54,30 @@ class _Sums:
         }
 
 
-def measure_layer_errors(
+@dataclass
+class WidthQuantizers:
+    """One layer's fake quantizers at each candidate width, as calibration would set them: its weight per
+    output channel, and its input's (scale, zero point) from the activation observer (None for `dynamic`,
+    which quantizes each input with its own min-max range)."""
+
+    candidates: list[int]
+    weights: list[Tensor]
+    act_params: list[tuple[Tensor, Tensor]] | None
+
+    def quantized_input(self, x: Tensor, k: int) -> Tensor:
+        bits = self.candidates[k]
+        if self.act_params is None:
+            return fake_quantize(x, *params_from_range(x.amin(), x.amax(), bits), bits)
+        return fake_quantize(x, *self.act_params[k], bits)
+
+
+def calibrate_quantizers(
     layers: Mapping[str, nn.Module],
     run: Callable[[], None],
     candidates: Sequence[int],
     config: QuantConfig,
-) -> dict[str, tuple[dict[str, float], dict[str, float]]]:
-    """{layer: (weight errors, activation errors)}, each `{str(bits): relative output error}`.
-
-    `run()` pushes the calibration set through the (float) model that owns `layers`; it is called twice.
-    Layers that `run()` never reaches are left out (they stay in floating point).
-    """
+) -> dict[str, WidthQuantizers]:
+    """{layer: its quantizers at every candidate width} for the layers `run()` reaches (one pass)."""
     candidates = sorted(int(b) for b in candidates)
     dynamic = config.act_observer == "dynamic"
     observers: dict[str, Observer] = {}
@@ -83,29 +97,45 @@ def measure_layer_errors(
         run()
     if not observers:
         raise MQSAM2Error("the calibration passes reached none of the layers to measure")
-    act_params = {
-        name: [params_from_range(*observers[name].compute_range(b), b) for b in candidates]
-        for name in observers
+    return {
+        name: WidthQuantizers(
+            candidates,
+            [quantized_weight(layers[name], b, config) for b in candidates],
+            None if dynamic else [params_from_range(*observer.compute_range(b), b) for b in candidates],
+        )
+        for name, observer in observers.items()
     }
-    weights = {name: [quantized_weight(layers[name], b, config) for b in candidates] for name in observers}
-    sums = {name: _Sums(candidates, layers[name].weight.device) for name in observers}
+
+
+def measure_layer_errors(
+    layers: Mapping[str, nn.Module],
+    run: Callable[[], None],
+    candidates: Sequence[int],
+    config: QuantConfig,
+    quantizers: Mapping[str, WidthQuantizers] | None = None,
+) -> dict[str, tuple[dict[str, float], dict[str, float]]]:
+    """{layer: (weight errors, activation errors)}, each `{str(bits): relative output error}`.
+
+    `run()` pushes the calibration set through the (float) model that owns `layers`; it is called twice (once
+    when `quantizers` from `calibrate_quantizers` at these candidates are given). Layers that `run()` never
+    reaches are left out (they stay in floating point).
+    """
+    candidates = sorted(int(b) for b in candidates)
+    if quantizers is None:
+        quantizers = calibrate_quantizers(layers, run, candidates, config)
+    sums = {name: _Sums(candidates, layers[name].weight.device) for name in quantizers}
 
     def accumulate(name: str, layer: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
         if name not in sums:
             return
         x = args[0] if args else kwargs["input"]
         reference = output.double()
-        entry = sums[name]
+        entry, quantizer = sums[name], quantizers[name]
         entry.energy += reference.square().sum()
-        for k, bits in enumerate(candidates):
-            if dynamic:
-                scale, zero_point = params_from_range(x.amin(), x.amax(), bits)
-            else:
-                scale, zero_point = act_params[name][k]
-            x_q = fake_quantize(x, scale, zero_point, bits)
+        for k in range(len(candidates)):
             for kind, out in (
-                ("w", layer_output(layer, x, weights[name][k])),
-                ("a", layer_output(layer, x_q, layer.weight)),
+                ("w", layer_output(layer, x, quantizer.weights[k])),
+                ("a", layer_output(layer, quantizer.quantized_input(x, k), layer.weight)),
             ):
                 entry.errors[kind][k] += (out.double() - reference).square().sum()
 

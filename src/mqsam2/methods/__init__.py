@@ -10,6 +10,7 @@ from mqsam2.methods import (  # noqa: F401  (each module registers its method on
     minmax,
     mixqsam,
     mixqsam2,
+    mixqsam2_mask,
     mixqsam2_measured,
     mixqsam2_propagated,
     omse,
