@@ -123,3 +123,32 @@ def test_a_resumed_row_runs_on_the_float_models_device(float_model, image_worklo
     quantize_sam2(on_gpu, image_workload, recipe, tmp_path)
     again = quantize_sam2(on_gpu, image_workload, recipe, tmp_path).model
     assert {tensor.device.type for tensor in [*again.parameters(), *again.buffers()]} == {"cuda"}
+
+
+def test_mask_kl_tables_equal_the_mask_kl_of_the_library_quantizing_that_layer_alone(
+    float_model, image_workload
+):
+    """`error: mask` measures each layer's mask KL through hooks; the library's own path (quantize that layer's
+    weights alone, every other layer kept in float, then calibration) must give the same KL."""
+    from mqsam2.kl_importance import decoder_logits, mean_kl
+    from mqsam2.quant.swap import DEFAULT_KEEP_FP, quantizable_layers
+
+    measured = ("image_encoder.trunk.blocks.1.attn.qkv", "sam_mask_decoder.transformer.layers.0.mlp.layers.0")
+    others = tuple(n for n in quantizable_layers(float_model) if n not in measured)
+    quant = QuantConfig(keep_fp=DEFAULT_KEEP_FP + others)
+    sample = [0, 0, 1]
+    importance = measure_importance(
+        float_model, image_workload, quant, measured_widths=[4], mask_samples=sample
+    )
+    assert set(importance) == set(measured)
+    run = image_workload.samples(*sample)[0]
+    reference = decoder_logits(float_model, lambda: run.run_full(float_model))
+    for name in measured:
+        keep = DEFAULT_KEEP_FP + tuple(n for n in quantizable_layers(float_model) if n != name)
+        alone = quantize(copy.deepcopy(float_model), QuantConfig(bits=4, weight_only=True, keep_fp=keep))
+        with calibration(alone):
+            image_workload.run_full(alone)
+        expected = mean_kl(reference, decoder_logits(alone, lambda a=alone: run.run_full(a)))
+        assert expected > 0
+        assert importance[name].weight_mask_kl["4"] == pytest.approx(expected, rel=1e-3)
+        assert importance[name].act_mask_kl["4"] > 0

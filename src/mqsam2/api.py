@@ -115,13 +115,15 @@ def measure_importance(
     measured_widths: Sequence[int] | None = None,
     gain_samples: Sequence[int] | None = None,
     mask_samples: Sequence[int] | None = None,
+    mask_widths: Sequence[int] | None = None,
 ) -> dict[str, LayerImportance]:
     """Eq. 2-4 for every layer the config would quantize (unreached layers left out, so they stay float), plus
     the measured error tables at `measured_widths` when given (`allocation.error: measured`), each layer's
     downstream gain when `gain_samples` = (clips, frames, images) says on which samples to measure it
     (`allocation.error: propagated`; `Workload.samples`; a layer those never reach gets the largest gain, so
-    it is never cheap for lack of data), and each layer's mask KL at `measured_widths` on `mask_samples`
-    (`allocation.error: mask`; a layer those never reach gets the largest KL of its width)."""
+    it is never cheap for lack of data), and each layer's mask KL on `mask_samples` at `mask_widths` (default:
+    `measured_widths`, which must hold them; `allocation.error: mask`; a layer those samples never reach gets
+    the largest KL of its width)."""
     layers = quantizable_layers(model, quant.keep_fp)
     with ImportanceCollector(model, layers) as collector:
         workload.run_full(model)
@@ -137,7 +139,9 @@ def measure_importance(
         }
         if mask_samples:
             samples = workload.samples(*mask_samples)
-            kl = measure_mask_kl(model, [lambda s=s: s.run_full(model) for s in samples], reached, quantizers)
+            kl = measure_mask_kl(
+                model, [lambda s=s: s.run_full(model) for s in samples], reached, quantizers, mask_widths
+            )
             importance = {
                 name: layer._replace(
                     weight_mask_kl=_or_largest(kl, name, 0), act_mask_kl=_or_largest(kl, name, 1)

@@ -22,7 +22,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -365,11 +365,11 @@ class Grid:
                 self.references[policy] = masks
         return self.references[policy]
 
-    def measured_widths(self) -> list[int]:
+    def measured_widths(self, errors: Sequence[str] = MEASURED_ERRORS) -> list[int]:
+        """Every candidate width of the rows whose error model is one of `errors`."""
         widths = set()
         for row in self.config.rows:
-            method = get_method(row.method)
-            if method.error in MEASURED_ERRORS:
+            if get_method(row.method).error in errors:
                 widths.update(self.recipe(row).candidate_widths())
         return sorted(widths)
 
@@ -385,7 +385,7 @@ class Grid:
             "gains": self.samples_for("propagated"),
         }
         masks = self.samples_for("mask")
-        return _key(key | {"masks": masks} if masks else key)
+        return _key(key | {"masks": masks, "mask_widths": self.measured_widths(["mask"])} if masks else key)
 
     def shared_importance(self) -> dict[str, LayerImportance]:
         """Importance (with the measured tables for every width any row needs, and the downstream gains when a
@@ -406,6 +406,7 @@ class Grid:
                     widths,
                     self.samples_for("propagated"),
                     self.samples_for("mask"),
+                    self.measured_widths(["mask"]),
                 )
                 write_importance(self.importance, path)
                 write_text(key_path, key)

@@ -110,24 +110,31 @@ def measure_mask_kl(
     samples: Sequence[Callable[[], None]],
     layers: Mapping[str, nn.Module],
     quantizers: Mapping[str, WidthQuantizers],
+    widths: Sequence[int] | None = None,
 ) -> dict[str, tuple[dict[str, float], dict[str, float]]]:
     """{layer: (weight KL, input KL)}, each `{str(bits): mean mask KL over the samples}` with only that
     layer's weight (or only its input) quantized at that width, every other layer in floating point.
 
-    `quantizers` (from `sensitivity.calibrate_quantizers`) name the layers to measure; each sample runs one
-    calibration sample through the float `model`, once for the reference masks and twice per layer and width.
+    `quantizers` (from `sensitivity.calibrate_quantizers`) name the layers to measure, at `widths` among
+    their candidates (default: all of them); each sample runs one calibration sample through the float
+    `model`, once for the reference masks and twice per layer and width.
     """
     names = [name for name in quantizers if name in layers]
     if not names:
         raise MQSAM2Error("no calibrated quantizer belongs to the layers to measure")
+    calibrated = quantizers[names[0]].candidates
+    widths = calibrated if widths is None else sorted(int(b) for b in widths)
+    if not set(widths) <= set(calibrated):
+        raise MQSAM2Error(f"mask KL widths {widths} are not all among the calibrated widths {calibrated}")
     references = [decoder_logits(model, sample) for sample in samples]
     start = time.perf_counter()
     result = {}
-    passes = tqdm(total=2 * sum(len(quantizers[n].candidates) for n in names), desc="mask KL", unit="pass")
+    passes = tqdm(total=2 * len(widths) * len(names), desc="mask KL", unit="pass")
     for name in names:
         layer, quantizer = layers[name], quantizers[name]
         tables: tuple[dict[str, float], dict[str, float]] = ({}, {})
-        for k, bits in enumerate(quantizer.candidates):
+        for bits in widths:
+            k = calibrated.index(bits)
             variants = (
                 lambda m, x, w=quantizer.weights[k]: layer_output(m, x, w),
                 lambda m, x, q=quantizer, k=k: layer_output(m, q.quantized_input(x, k), m.weight),
