@@ -64,8 +64,13 @@ def _run(script: str, *args: str, tmp_path: Path) -> str:
             ["--image-size", "64", "--clips", "1", "--frames", "2", "--objects", "1-1"],
             "| 1-1 | 1 x 2 | 1 |",
         ),
+        (
+            "cost_model.py",
+            ["--image-size", "64", "--calib-frames", "2", "--sample-frames", "2", "--sides", "a"],
+            "| inputs | all layers | 157 | 1.00 |",
+        ),
     ],
-    ids=["allocation", "data", "memory", "reconstruction", "validation", "synth_regime"],
+    ids=["allocation", "data", "memory", "reconstruction", "validation", "synth_regime", "cost_model"],
 )
 def test_benchmark_runs_at_toy_size(script, args, expect, tmp_path):
     assert expect in _run(script, *args, tmp_path=tmp_path)

@@ -395,7 +395,7 @@ class Allocation:
         return {b: self.bits.count(b) for b in sorted(set(self.bits))}
 
 
-def _cost_table(
+def cost_table(
     importance: Mapping[str, LayerImportance], candidates: Sequence[int], error: str, kind: str
 ) -> list[list[float]]:
     """Each layer's cost per candidate: `S_l * E(b)` for a formula, `S_l * e_l(b)` for `measured` (its relative
@@ -477,8 +477,8 @@ def allocate(
             f"activations {activations!r}"
         )
     else:
-        weight_costs = _cost_table(importance, ascending, error, "w")
-        act_costs = _cost_table(importance, ascending, error, "a")
+        weight_costs = cost_table(importance, ascending, error, "w")
+        act_costs = cost_table(importance, ascending, error, "a")
         elements = _act_elements(importance)
         if activations == "shared":
             joint = [

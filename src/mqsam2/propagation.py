@@ -97,11 +97,42 @@ def measure_gains(
     return gains
 
 
-def _replaced_output(compute: Callable[[nn.Module, Tensor], Tensor]) -> Callable:
-    def hook(module: nn.Module, args: tuple, kwargs: dict, _output: Tensor) -> Tensor:
-        return compute(module, args[0] if args else kwargs["input"])
+def quantized_output(
+    quantizer: WidthQuantizers, bits: int, side: str
+) -> Callable[[nn.Module, Tensor], Tensor]:
+    """A layer's forward with its weight (`side` "w") or its input ("a") fake-quantized at `bits`."""
+    k = quantizer.candidates.index(bits)
+    if side == "w":
+        return lambda m, x: layer_output(m, x, quantizer.weights[k])
+    return lambda m, x: layer_output(m, quantizer.quantized_input(x, k), m.weight)
 
-    return hook
+
+@torch.no_grad()
+def mask_kl_with(
+    model: nn.Module,
+    samples: Sequence[Callable[[], None]],
+    references: Sequence[Sequence[Tensor]],
+    forwards: Mapping[nn.Module, Callable[[nn.Module, Tensor], Tensor]],
+) -> float:
+    """The samples' mean mask KL against `references` with each module of `forwards` computing its output
+    from its input by that function instead (e.g. `quantized_output`), every other module as it is."""
+
+    def replaced(compute: Callable) -> Callable:
+        return lambda module, args, kwargs, _out: compute(module, args[0] if args else kwargs["input"])
+
+    handles = [
+        module.register_forward_hook(replaced(compute), with_kwargs=True)
+        for module, compute in forwards.items()
+    ]
+    try:
+        kl = [
+            mean_kl(ref, decoder_logits(model, sample))
+            for ref, sample in zip(references, samples, strict=True)
+        ]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sum(kl) / len(kl)
 
 
 @torch.no_grad()
@@ -134,21 +165,9 @@ def measure_mask_kl(
         layer, quantizer = layers[name], quantizers[name]
         tables: tuple[dict[str, float], dict[str, float]] = ({}, {})
         for bits in widths:
-            k = calibrated.index(bits)
-            variants = (
-                lambda m, x, w=quantizer.weights[k]: layer_output(m, x, w),
-                lambda m, x, q=quantizer, k=k: layer_output(m, q.quantized_input(x, k), m.weight),
-            )
-            for table, compute in zip(tables, variants, strict=True):
-                handle = layer.register_forward_hook(_replaced_output(compute), with_kwargs=True)
-                try:
-                    kl = [
-                        mean_kl(ref, decoder_logits(model, sample))
-                        for ref, sample in zip(references, samples, strict=True)
-                    ]
-                finally:
-                    handle.remove()
-                table[str(bits)] = sum(kl) / len(kl)
+            for table, side in zip(tables, ("w", "a"), strict=True):
+                forward = quantized_output(quantizer, bits, side)
+                table[str(bits)] = mask_kl_with(model, samples, references, {layer: forward})
                 passes.update()
         result[name] = tables
     passes.close()
