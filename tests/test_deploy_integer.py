@@ -73,3 +73,28 @@ def test_deploy_routes_calibrated_layers_to_the_integer_gemms():
 def test_unknown_activation_mode_is_refused():
     with pytest.raises(MQSAM2Error, match="activations"):
         DeployConfig(activations="static")
+
+
+@pytest.mark.parametrize(("bits", "kernel", "gemm"), [(4, "fp8", "_scaled_mm"), (8, "int8", "_int_mm")])
+def test_a_permuted_input_reaches_the_gemm_row_major(bits, kernel, gemm, monkeypatch):
+    """cuBLAS takes the activations row-major and the weights column-major only (on an H100 a column-major
+    fp8 operand fails with CUBLAS_STATUS_NOT_SUPPORTED); Hiera's permuted NHWC input of one image reshapes to
+    a column-major view, which the layer must not pass on."""
+    layer = _layer(bits, bits)
+    real = getattr(torch, gemm)
+    layouts = []
+
+    def checked(mat1, mat2, *args, **kwargs):
+        layouts.append((mat1.is_contiguous(), mat2.t().is_contiguous()))
+        return real(mat1, mat2, *args, **kwargs)
+
+    monkeypatch.setattr(torch, gemm, checked)
+    nchw = torch.randn(1, 64, 5, 7, generator=torch.Generator().manual_seed(3)) * 2 + 0.5
+    x = nchw.permute(0, 2, 3, 1)
+    assert not x.reshape(-1, 64).is_contiguous()
+    with torch.no_grad():
+        got = IntegerLinear(layer, kernel)(x)
+        want = layer(x)
+    assert layouts == [(True, True)]
+    unit = BF16_UNIT if kernel == "fp8" else 1e-6
+    torch.testing.assert_close(got, want, rtol=0, atol=unit * float(want.abs().max()))

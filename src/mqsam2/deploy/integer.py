@@ -135,7 +135,9 @@ class IntegerLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype = output_dtype(x)
-        rows = x.reshape(-1, self.in_features)
+        # cuBLAS takes the activations row-major only (fp8 on sm90: the TN layout); a permuted input of one
+        # image (Hiera's NCHW -> NHWC at batch 1) reshapes to a column-major view, so make the rows contiguous
+        rows = x.reshape(-1, self.in_features).contiguous()
         a = self._codes(rows)
         weight = self.weight_codes().float() - self.weight_centre[:, None]
         if self.kernel == "fp8":
