@@ -19,6 +19,7 @@ calibration sets (the model's observers over the calibration clips); the KL is m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import time
@@ -55,6 +56,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--error", default="propagated", help="the error model to predict with")
     parser.add_argument("--target", type=int, default=4, help="Avg-b of the allocation and the uniform width")
     parser.add_argument("--sides", default="a,w", help="inputs (a) and/or weights (w)")
+    parser.add_argument(
+        "--layers",
+        default=None,
+        help="quantize only layers whose names contain one of these (comma-separated)",
+    )
     parser.add_argument("--data-root", default="bench-data")
     parser.add_argument("--json", default=None, help="write the rows here too")
     return parser.parse_args()
@@ -84,6 +90,10 @@ def main() -> None:
     model = build_sam2(args.size, args.checkpoint, args.image_size).eval()
     workload = load_workload(args, model.image_size)
     quant = QuantConfig(bits=args.target, weight_observer="mse", act_observer="mse")
+    if args.layers:
+        wanted = args.layers.split(",")
+        others = tuple(n for n in quantizable_layers(model) if not any(w in n for w in wanted))
+        quant = dataclasses.replace(quant, keep_fp=quant.keep_fp + others)
     candidates = [args.target - 1, args.target, args.target + 1]
     sample = workload.samples(1, args.sample_frames, 0)
     if args.importance:
