@@ -13,7 +13,7 @@ calibration sets (the model's observers over the calibration clips); the KL is m
         --calib <calibration shards> --calib-videos 2 --calib-frames 8 --sample-frames 8 \
         --importance docs/gpu/sam21t_512_regime/importance.json --plan <row>_plan.json
     # toy size (random init, synthetic clips): importance, gains, mask KL and the allocation made here
-    python benchmarks/cost_model.py --image-size 64 --error propagated
+    python benchmarks/cost_model.py --image-size 64 --layers trunk.blocks.0.,sam_mask_decoder.transformer.layers.0.
 """
 
 from __future__ import annotations
